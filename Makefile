@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Every install step lives here.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO   ?= runs/demo
+
+.PHONY: setup demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the package with its test extras
+
+demo: setup  ## preprocess the built-in digits into $(DEMO)/data
+	$(BIN)/sae preprocess --input builtin:digits --output $(DEMO)/data --overwrite
+
+test: setup  ## the whole suite, slow end-to-end tests included (as CI runs it)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+test-fast: setup  ## skip the slow end-to-end tests
+	$(BIN)/pytest -m 'not slow'
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup  ## every benchmark; each prints JSON
+	for b in benchmarks/*_bench.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,61 @@
+"""The `sae` command: a thin dispatcher over each job's `run(argv)`.
+
+Every command has --help. A user error (bad flag value, missing input, corrupt
+data) prints one line `sae <command>: error: ...` and exits with its code (2
+unless the command documents another); never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+# name -> (module with run(argv), one-line help). Imported lazily: `sae --help` is instant.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("preprocessing.job", "images -> sharded TFRecords + manifest (Apache Beam)"),
+    "datasets": ("preprocessing.datasets_cli", "list or export the built-in datasets"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return (
+        "usage: sae <command> [options]   (sae <command> --help for its options)\n\n"
+        "KL-sparse autoencoders on images, from a folder to features at scale.\n\n"
+        "commands:\n" + "\n".join(lines) + "\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), end="")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sae: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    # Quiet TensorFlow's C++ start-up chatter; users still see warnings that matter.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from preprocessing.errors import UserError
+
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module.run(rest)
+    except UserError as e:
+        print(f"sae {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"sae {name}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

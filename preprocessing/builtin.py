@@ -1,0 +1,89 @@
+"""Built-in datasets: real images that ship inside installed packages.
+
+Nothing is downloaded, so `make demo` and the tests run offline.
+  digits          scikit-learn's 1,797 handwritten digits, 8x8 grey, labels "0".."9"
+  natural-images  ten photographs bundled with scikit-image and scikit-learn, for
+                  UFLDL-style patch learning (use --patches)
+  faces           scikit-image's LFW subset: 100 faces and 100 non-faces, 25x25 grey
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from preprocessing.errors import UserError
+
+
+@dataclass(frozen=True)
+class BuiltinImage:
+    key: str
+    pixels: np.ndarray  # uint8 [H, W] or [H, W, C]
+    label: str | None
+
+
+def _digits() -> tuple[list[np.ndarray], list[str | None], list[str]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # Pixel values are counts 0..16 of set bits in 4x4 blocks; scale to the full byte range.
+    images = [np.rint(im * (255.0 / 16.0)).astype(np.uint8) for im in d.images]
+    return images, [str(t) for t in d.target], [str(n) for n in d.target_names]
+
+
+_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel", "rocket")
+
+
+def _natural_images() -> tuple[list[np.ndarray], list[str | None], list[str]]:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    images = [getattr(skimage.data, name)() for name in _PHOTOS]
+    images += list(load_sample_images().images)  # china.jpg, flower.jpg
+    return images, [None] * len(images), []
+
+
+def _faces() -> tuple[list[np.ndarray], list[str | None], list[str]]:
+    import skimage.data
+
+    faces = skimage.data.lfw_subset()  # float [200, 25, 25] in [0, 1]; first 100 are faces
+    images = [np.rint(f * 255.0).astype(np.uint8) for f in faces]
+    labels: list[str | None] = ["face"] * 100 + ["non-face"] * 100
+    return images, labels, ["face", "non-face"]
+
+
+_LOADERS: dict[str, Callable[[], tuple[list[np.ndarray], list[str | None], list[str]]]] = {
+    "digits": _digits,
+    "natural-images": _natural_images,
+    "faces": _faces,
+}
+NAMES = tuple(_LOADERS)
+
+
+def load(name: str) -> tuple[list[BuiltinImage], list[str]]:
+    """Returns the images of builtin NAME and its label names (possibly empty)."""
+    if name not in _LOADERS:
+        raise UserError(f"unknown built-in dataset {name!r}; choose one of: {', '.join(NAMES)}")
+    images, labels, label_names = _LOADERS[name]()
+    width = len(str(len(images)))
+    out = [
+        BuiltinImage(f"builtin:{name}/{i:0{width}d}", im, lab)
+        for i, (im, lab) in enumerate(zip(images, labels, strict=True))
+    ]
+    return out, label_names
+
+
+def iter_pngs(name: str) -> Iterator[tuple[str, bytes]]:
+    """Yields (relative path, PNG bytes): one folder per class, for `sae datasets export`."""
+    import io
+
+    from PIL import Image
+
+    images, _ = load(name)
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im.pixels).save(buf, format="PNG")
+        stem = im.key.rsplit("/", 1)[1]
+        yield (f"{im.label}/{stem}.png" if im.label else f"{stem}.png"), buf.getvalue()

@@ -1,0 +1,46 @@
+"""`sae datasets`: list the built-in datasets or export one as PNG files.
+
+    sae datasets list
+    sae datasets export digits /tmp/digits-png     # one folder per class
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from preprocessing import builtin
+from preprocessing.errors import UserError
+from preprocessing.manifest import join
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sae datasets", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="list the built-in datasets")
+    exp = sub.add_parser("export", help="write a built-in dataset as PNG files")
+    exp.add_argument("name", choices=builtin.NAMES, help="built-in dataset")
+    exp.add_argument("dir", help="output folder (local or gs://); must not contain files")
+    return p
+
+
+def run(argv: Sequence[str] | None = None) -> list[str]:
+    """Returns the dataset names (list) or the written paths (export)."""
+    args = make_parser().parse_args(argv)
+    if args.action == "list":
+        for line in builtin.__doc__.splitlines()[3:]:
+            if line.strip():
+                print(line)
+        return list(builtin.NAMES)
+    from apache_beam.io.filesystems import FileSystems
+
+    if FileSystems.match([join(args.dir, "**")])[0].metadata_list:
+        raise UserError(f"{args.dir} already contains files; choose an empty folder")
+    written = []
+    for rel, png in builtin.iter_pngs(args.name):
+        path = join(args.dir, rel)
+        with FileSystems.create(path) as f:
+            f.write(png)
+        written.append(path)
+    print(f"datasets: wrote {len(written)} PNG files of builtin:{args.name} to {args.dir}")
+    return written

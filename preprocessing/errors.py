@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+A `UserError` is a problem with what the user asked for or gave us (a missing
+source, a bad flag value, a corrupt shard). The CLI prints its message as one
+line and exits with `exit_code`; it never shows a traceback for these. The
+message says what is wrong, where, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, no traceback."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code

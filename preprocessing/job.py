@@ -1,0 +1,536 @@
+"""`sae preprocess`: images -> sharded TFRecords + errors/ + manifest.json (Apache Beam).
+
+    sae preprocess --input builtin:digits --output /tmp/digits
+    sae preprocess --input gs://bucket/photos --output gs://bucket/ds --resize 64x64 \
+        --runner DataflowRunner --project P --region R --temp_location gs://bucket/tmp \
+        --setup_file ./setup.py
+
+Flags this job does not know are passed to Beam's PipelineOptions, so the same
+`run(argv)` runs on the DirectRunner (default: multi-processing, one worker per
+core), Dataflow, Flink or Spark.
+
+Every input ends as examples or as exactly one error entry with a reason; the
+final step checks inputs == accepted + rejected before it writes the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from preprocessing import images, records, sources
+from preprocessing.errors import UserError
+from preprocessing.manifest import KIND, MANIFEST_NAME, join
+
+SPLITS = ("train", "eval")
+FAILED_NAME = "_FAILED.json"
+ERRORS_FILE = "errors/errors-00000-of-00001.jsonl"
+EXIT_TOO_MANY_ERRORS = 3
+# Enough data for >= 10 shards (TensorFlow's guidance for parallel reads and FILE
+# auto-sharding) means at least this many examples per shard.
+MIN_EXAMPLES_PER_SHARD = 1000
+
+
+# ----------------------------------------------------------------------------
+# Flags.
+# ----------------------------------------------------------------------------
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h < 1 or w < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW like 28x28, got {text!r}") from None
+    return h, w
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sae preprocess",
+        description="Turn an image collection into sharded TFRecords, an error report "
+        "and a manifest. Unknown flags go to Apache Beam (e.g. --runner DataflowRunner).",
+        epilog="Exit codes: 0 done; 2 bad flags or input; 3 too many bad images "
+        "(see OUT/errors/).",
+    )
+    p.add_argument("--input", required=True, metavar="SRC",
+                   help="folder, glob, gs:// prefix, list file (.txt/.csv: uri[,label] per "
+                   "line), tfds:NAME[/CONFIG][:SPLIT] or builtin:{digits,natural-images,faces}")
+    p.add_argument("--output", required=True, metavar="OUT",
+                   help="output folder (local or gs://); must be empty unless --overwrite")
+    p.add_argument("--resize", type=_size, metavar="HxW",
+                   help="resize every image to HxW (default: keep the size; images whose "
+                   "size differs from the first image's become errors)")
+    p.add_argument("--aspect", choices=("squash", "crop", "pad"), default="crop",
+                   help="how --resize handles aspect ratio: stretch, centre-crop, or pad "
+                   "with zeros (default: crop)")
+    p.add_argument("--channels", type=int, choices=(1, 3),
+                   help="1 (grey) or 3 (RGB); default: from the first image's mode")
+    p.add_argument("--patches", type=_positive, metavar="N",
+                   help="instead of whole images, sample N random patches per image "
+                   "(UFLDL natural-image mode)")
+    p.add_argument("--patch-size", type=_positive, default=8, metavar="K",
+                   help="patch side in pixels with --patches (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed for patch sampling (default: 0)")
+    p.add_argument("--eval-fraction", type=_fraction, default=0.1,
+                   help="share of inputs that go to the eval split, by a hash of the "
+                   "input's key, so reruns split identically (default: 0.1)")
+    p.add_argument("--num-shards", type=_positive,
+                   help="shards per split (default: from --target-shard-mb, with at least "
+                   f"10 per split when each gets >= {MIN_EXAMPLES_PER_SHARD} examples)")
+    p.add_argument("--target-shard-mb", type=float, default=100.0,
+                   help="target shard size in MB (default: 100)")
+    p.add_argument("--compression", choices=("none", "gzip"), default="none",
+                   help="TFRecord compression (default: none)")
+    p.add_argument("--max-error-fraction", type=_fraction, default=0.1,
+                   help="fail (exit 3, after writing the error report) if more than this "
+                   "share of inputs is rejected (default: 0.1)")
+    p.add_argument("--max-pixels", type=_positive, default=images.MAX_PIXELS,
+                   help="reject images with more pixels (decompression bombs) "
+                   f"(default: {images.MAX_PIXELS})")
+    p.add_argument("--tfds-data-dir", help="TFDS data dir for tfds: sources")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what is in OUT before writing")
+    p.add_argument("--verbose", action="store_true", help="show Beam's INFO logs")
+    return p
+
+
+# ----------------------------------------------------------------------------
+# Per-input work: decode, convert, resize or cut patches, encode.
+# ----------------------------------------------------------------------------
+def split_of(key: str, eval_fraction: float) -> str:
+    """'eval' or 'train' from a stable hash of the key (same on every run and runner)."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    return "eval" if h / 2.0**64 < eval_fraction else "train"
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    h = int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "little")
+    return h % num_shards
+
+
+def _to_pil(pixels: np.ndarray):
+    from PIL import Image
+
+    arr = np.asarray(pixels)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return Image.fromarray(arr)
+
+
+class ToExamples(beam.DoFn):
+    """Item -> (split, key, serialized Example, pixels) per example; rejects -> 'errors'.
+
+    Also emits one element to 'accepted' per input that produced examples, so the
+    final step can check that every input was accounted for.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], opts: dict):
+        self.shape = shape
+        self.opts = opts
+
+    def process(self, item: sources.Item, label_names: list[str]):
+        try:
+            examples = list(self._examples(item, label_names))
+        except images.ImageError as e:
+            yield beam.pvalue.TaggedOutput("errors", {"uri": item.uri, "reason": str(e)})
+            return
+        except Exception as e:  # noqa: BLE001 - one odd file must not kill the job
+            reason = f"internal error ({type(e).__name__}: {e}); please report this file"
+            yield beam.pvalue.TaggedOutput("errors", {"uri": item.uri, "reason": reason})
+            return
+        yield beam.pvalue.TaggedOutput("accepted", 1)
+        yield from examples
+
+    def _examples(self, item: sources.Item, label_names: list[str]):
+        o = self.opts
+        h, w, c = self.shape
+        if item.pixels is None:
+            try:
+                with FileSystems.open(item.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                    data = f.read()
+            except OSError as e:
+                raise images.ImageError(f"cannot read the file ({e}); check permissions") from None
+            pil = images.decode(data, max_pixels=o["max_pixels"])
+        else:
+            pil = _to_pil(item.pixels)
+        arr = images.to_array(pil, c)
+        label = None
+        if item.label is not None:
+            label = label_names.index(item.label)
+        split = split_of(item.key, o["eval_fraction"])
+        if o["patches"]:
+            rng = images.patch_rng(item.key, o["seed"])
+            for i, patch in enumerate(images.sample_patches(arr, o["patches"], h, rng)):
+                key = f"{item.key}#patch={i}"
+                yield split, key, records.encode(key, patch, label), patch
+            return
+        if o["resize"]:
+            arr = images.resize(arr, h, w, o["aspect"])
+        elif arr.shape[:2] != (h, w):
+            raise images.ImageError(
+                f"image is {arr.shape[0]}x{arr.shape[1]} but the dataset is {h}x{w} "
+                "(the first image's size); pass --resize HxW to resize all images"
+            )
+        yield split, item.key, records.encode(item.key, arr, label), arr
+
+
+class PixelStats(beam.CombineFn):
+    """Per-channel mean and std of pixel values (0..255) in float64."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, pixels: np.ndarray):
+        p = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64)
+        new = (p.sum(0), (p * p).sum(0), p.shape[0])
+        return new if acc is None else (acc[0] + new[0], acc[1] + new[1], acc[2] + new[2])
+
+    def merge_accumulators(self, accs):
+        return self.add_accumulators([a for a in accs if a is not None])
+
+    @staticmethod
+    def add_accumulators(accs):
+        if not accs:
+            return None
+        return (sum(a[0] for a in accs), sum(a[1] for a in accs), sum(a[2] for a in accs))
+
+    def extract_output(self, acc):
+        if acc is None:
+            return {"mean": [], "std": []}
+        mean = acc[0] / acc[2]
+        std = np.sqrt(np.maximum(acc[1] / acc[2] - mean * mean, 0.0))
+        return {"mean": [round(float(v), 4) for v in mean], "std": [round(float(v), 4) for v in std]}
+
+
+def num_shards_for(count: int, nbytes: int, opts: dict) -> int:
+    if opts["num_shards"]:
+        return opts["num_shards"]
+    by_size = math.ceil(nbytes / (opts["target_shard_mb"] * 1e6))
+    return max(1, by_size, min(10, count // MIN_EXAMPLES_PER_SHARD))
+
+
+def shard_name(split: str, index: int, total: int, compression: str) -> str:
+    ext = ".gz" if compression == "gzip" else ""
+    return f"{split}-{index:05d}-of-{total:05d}.tfrecord{ext}"
+
+
+def _write_atomically(path: str, chunks: Iterable[bytes], gzip: bool = False) -> None:
+    """Writes to a temporary name, then renames: a reader never sees a partial file."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    ctype = CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED
+    with FileSystems.create(tmp, compression_type=ctype) as f:
+        for chunk in chunks:
+            f.write(chunk)
+    if FileSystems.exists(path):  # a retried bundle wrote it before: same content
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+class WriteShard(beam.DoFn):
+    """((split, shard), [(key, example)]) -> shard file, sorted by key for determinism."""
+
+    def __init__(self, out: str, compression: str):
+        self.out = out
+        self.compression = compression
+
+    def process(self, element, num_shards: dict):
+        (split, shard), recs = element
+        recs = sorted(recs)
+        name = shard_name(split, shard, num_shards[split], self.compression)
+        frames = (records.tfrecord_frame(r) for _, r in recs)
+        _write_atomically(join(self.out, name), frames, gzip=self.compression == "gzip")
+        yield {"split": split, "path": name, "num_examples": len(recs)}
+
+
+def _write_errors(element, out: str):
+    _, errors = element
+    lines = sorted(json.dumps(e, sort_keys=True) for e in errors)
+    _write_atomically(join(out, ERRORS_FILE), (ln.encode() + b"\n" for ln in lines))
+    yield len(lines)
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sae-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Finalize(beam.DoFn):
+    """Runs once after every shard and the error report are written.
+
+    Fills in empty shards, checks the accounting, then writes manifest.json last
+    (or _FAILED.json when too many inputs were rejected).
+    """
+
+    def __init__(self, out: str, shape, opts: dict, source: str):
+        self.out, self.shape, self.opts, self.source = out, shape, opts, source
+
+    def process(self, _, shards, counts, num_shards, stats, label_names, num_inputs,
+                num_accepted, num_errors):
+        by_split = {s: {} for s in SPLITS}
+        for sh in shards:
+            by_split[sh["split"]][sh["path"]] = sh["num_examples"]
+        splits = {}
+        for split in SPLITS:
+            n = num_shards.get(split, 0)
+            for i in range(n):  # shards that no key hashed to still exist, empty
+                name = shard_name(split, i, n, self.opts["compression"])
+                if name not in by_split[split]:
+                    _write_atomically(join(self.out, name), [], self.opts["compression"] == "gzip")
+                    by_split[split][name] = 0
+            shard_list = [{"path": p, "num_examples": c} for p, c in sorted(by_split[split].items())]
+            total = sum(s["num_examples"] for s in shard_list)
+            if total != counts.get(split, (0, 0))[0]:
+                raise RuntimeError(f"{split}: wrote {total} examples, expected {counts[split][0]}")
+            splits[split] = {"num_examples": total, "shards": shard_list}
+        if num_errors == 0:
+            _write_atomically(join(self.out, ERRORS_FILE), [])
+        if num_accepted + num_errors != num_inputs:
+            raise RuntimeError(
+                f"accounting bug: {num_inputs} inputs != {num_accepted} accepted + {num_errors} errors"
+            )
+        summary = {
+            "num_inputs": num_inputs,
+            "num_inputs_accepted": num_accepted,
+            "num_errors": num_errors,
+            "error_files": [ERRORS_FILE],
+        }
+        fraction = num_errors / num_inputs if num_inputs else 1.0
+        if fraction > self.opts["max_error_fraction"] or num_accepted == 0:
+            failed = dict(summary, error_fraction=fraction,
+                          max_error_fraction=self.opts["max_error_fraction"])
+            _write_atomically(join(self.out, FAILED_NAME), [json.dumps(failed, indent=2).encode()])
+            return
+        manifest = {
+            "format_version": records.FORMAT_VERSION,
+            "kind": KIND,
+            "image_shape": list(self.shape),
+            "compression": "GZIP" if self.opts["compression"] == "gzip" else None,
+            "splits": splits,
+            **summary,
+            "label_names": label_names,
+            "pixel_mean": stats["mean"],
+            "pixel_std": stats["std"],
+            "source": self.source,
+            "options": self.opts,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "package_version": _package_version(),
+        }
+        _write_atomically(join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()])
+        yield manifest
+
+
+# ----------------------------------------------------------------------------
+# The pipeline.
+# ----------------------------------------------------------------------------
+def _sorted_labels(labels: list[str]) -> list[str]:
+    """Numeric labels sort as numbers ("2" before "10"), others alphabetically."""
+    if all(lab.lstrip("-").isdigit() for lab in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def build(p: beam.Pipeline, source: sources.Source, out: str, shape, opts: dict,
+          declared_labels: list[str] | None, src_text: str) -> None:
+    items = p | "ReadSource" >> sources.ReadSource(source)
+    if declared_labels is not None:
+        labels = p | "DeclaredLabels" >> beam.Create([declared_labels])
+    else:
+        labels = (
+            items
+            | "LabelOf" >> beam.FlatMap(lambda it: [it.label] if it.label is not None else [])
+            | "DistinctLabels" >> beam.Distinct()
+            | "CollectLabels" >> beam.combiners.ToList()
+            | "SortLabels" >> beam.Map(_sorted_labels)
+        )
+    labels_si = beam.pvalue.AsSingleton(labels)
+    decoded = items | "Decode" >> beam.ParDo(ToExamples(shape, opts), labels_si).with_outputs(
+        "errors", "accepted", main="examples"
+    )
+    examples = decoded.examples
+
+    counts = (
+        examples
+        | "SizeOf" >> beam.Map(lambda e: (e[0], (1, len(e[2]))))
+        | "CountPerSplit" >> beam.CombinePerKey(lambda vs: tuple(map(sum, zip(*vs))) or (0, 0))
+        | "CountsDict" >> beam.combiners.ToDict()
+    )
+    num_shards = counts | "NumShards" >> beam.Map(
+        lambda c: {s: num_shards_for(n, b, opts) for s, (n, b) in c.items()}
+    )
+    num_shards_si = beam.pvalue.AsSingleton(num_shards)
+    stats = (
+        examples
+        | "TrainPixels" >> beam.FlatMap(lambda e: [e[3]] if e[0] == "train" else [])
+        | "PixelStats" >> beam.CombineGlobally(PixelStats())
+    )
+    shards = (
+        examples
+        | "AssignShard"
+        >> beam.Map(lambda e, n: ((e[0], shard_of(e[1], n[e[0]])), (e[1], e[2])), num_shards_si)
+        | "GroupShards" >> beam.GroupByKey()
+        | "WriteShards" >> beam.ParDo(WriteShard(out, opts["compression"]), num_shards_si)
+    )
+    errors = decoded.errors
+    num_errors = (
+        errors
+        | "ErrorsToOneFile" >> beam.Map(lambda e: (0, e))
+        | "GroupErrors" >> beam.GroupByKey()
+        | "WriteErrors" >> beam.FlatMap(_write_errors, out)
+        | "SumErrors" >> beam.CombineGlobally(sum)
+    )
+    num_inputs = items | "CountInputs" >> beam.combiners.Count.Globally()
+    num_accepted = decoded.accepted | "CountAccepted" >> beam.combiners.Count.Globally()
+    si = beam.pvalue.AsSingleton
+    _ = (
+        p
+        | "Once" >> beam.Create([None])
+        | "Finalize"
+        >> beam.ParDo(
+            Finalize(out, shape, opts, src_text),
+            beam.pvalue.AsList(shards),
+            si(counts),
+            num_shards_si,
+            si(stats),
+            labels_si,
+            si(num_inputs),
+            si(num_accepted),
+            si(num_errors),
+        )
+    )
+
+
+def _infer_shape(source: sources.Source, args) -> tuple[int, int, int]:
+    """(H, W, C) of the output examples, from the flags or the first input."""
+    if args.patches:
+        if args.channels:
+            return args.patch_size, args.patch_size, args.channels
+    elif args.resize and args.channels:
+        return (*args.resize, args.channels)
+    uri, sample = sources.first_image(source)
+    pil = _to_pil(sample) if isinstance(sample, np.ndarray) else images.decode(sample)
+    channels = args.channels or images.default_channels(pil)
+    if args.patches:
+        return args.patch_size, args.patch_size, channels
+    if args.resize:
+        return (*args.resize, channels)
+    logging.info("image size %dx%d taken from %s", pil.height, pil.width, uri)
+    return pil.height, pil.width, channels
+
+
+def _prepare_output(out: str, overwrite: bool) -> None:
+    existing = FileSystems.match([join(out, "**")])[0].metadata_list
+    if not existing:
+        return
+    if not overwrite:
+        raise UserError(
+            f"output {out} is not empty ({len(existing)} files); choose another --output "
+            "or pass --overwrite to replace it"
+        )
+    # Manifest first: a reader must never see a manifest over a half-deleted dataset.
+    paths = sorted((m.path for m in existing), key=lambda p: not p.endswith(MANIFEST_NAME))
+    FileSystems.delete(paths)
+
+
+def _default_beam_args(beam_args: list[str]) -> list[str]:
+    """DirectRunner in multi-processing mode with one worker per core, unless told otherwise."""
+    joined = " ".join(beam_args)
+    args = list(beam_args)
+    if "--runner" not in joined:
+        args.append("--runner=DirectRunner")
+        if "--direct_running_mode" not in joined:
+            args.append("--direct_running_mode=multi_processing")
+        if "--direct_num_workers" not in joined:
+            args.append(f"--direct_num_workers={os.cpu_count() or 1}")
+    return args
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Runs the job; returns the manifest. Raises UserError for bad flags or input."""
+    args, beam_args = make_parser().parse_known_args(argv)
+    logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
+    out = args.output.rstrip("/")
+    source = sources.parse(args.input, args.tfds_data_dir)
+    declared = sources.label_names(source)
+    shape = _infer_shape(source, args)
+    opts = {
+        "resize": list(args.resize) if args.resize else None,
+        "aspect": args.aspect,
+        "channels": shape[2],
+        "patches": args.patches,
+        "patch_size": args.patch_size if args.patches else None,
+        "seed": args.seed,
+        "eval_fraction": args.eval_fraction,
+        "num_shards": args.num_shards,
+        "target_shard_mb": args.target_shard_mb,
+        "compression": args.compression,
+        "max_error_fraction": args.max_error_fraction,
+        "max_pixels": args.max_pixels,
+    }
+    _prepare_output(out, args.overwrite)
+    options = PipelineOptions(_default_beam_args(beam_args))
+    runner = options.get_all_options().get("runner")
+    print(f"preprocess: {args.input} -> {out}  (image {shape[0]}x{shape[1]}x{shape[2]}, "
+          f"runner {runner})", flush=True)
+    with beam.Pipeline(options=options) as p:
+        build(p, source, out, shape, opts, declared, args.input)
+    return _report(out)
+
+
+def _report(out: str) -> dict:
+    failed = join(out, FAILED_NAME)
+    if FileSystems.exists(failed):
+        with FileSystems.open(failed) as f:
+            info = json.load(f)
+        raise UserError(
+            f"{info['num_errors']} of {info['num_inputs']} inputs were rejected "
+            f"({info['error_fraction']:.1%} > --max-error-fraction "
+            f"{info['max_error_fraction']:.1%}); reasons in {join(out, ERRORS_FILE)}; "
+            "no manifest was written",
+            exit_code=EXIT_TOO_MANY_ERRORS,
+        )
+    with FileSystems.open(join(out, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    s = manifest["splits"]
+    print(
+        f"preprocess: {manifest['num_inputs']} inputs -> "
+        f"train {s['train']['num_examples']} examples in {len(s['train']['shards'])} shards, "
+        f"eval {s['eval']['num_examples']} in {len(s['eval']['shards'])}; "
+        f"{manifest['num_errors']} rejected"
+        + (f" (see {join(out, ERRORS_FILE)})" if manifest["num_errors"] else ""),
+        flush=True,
+    )
+    print(f"preprocess: wrote {join(out, MANIFEST_NAME)}", flush=True)
+    return manifest

@@ -1,0 +1,83 @@
+"""The dataset manifest: `OUT/manifest.json`, written last by `sae preprocess`.
+
+Its presence means the dataset is complete. Shard paths are relative to the
+dataset directory, so a dataset can be copied or moved (local <-> gs://).
+
+{
+  "format_version": 1, "kind": "sae-pipeline/records",
+  "image_shape": [H, W, C], "compression": "GZIP" | null,
+  "splits": {"train": {"num_examples": N, "shards": [{"path": "train-00000-of-00010.tfrecord.gz",
+                                                       "num_examples": n}, ...]},
+             "eval": {...}},
+  "num_inputs": files or items seen, "num_errors": rejected inputs, "error_files": [...],
+  "label_names": [...], "pixel_mean": [per channel, 0..255], "pixel_std": [...],
+  "source": "...", "options": {...}, "created": ISO-8601, "package_version": "..."
+}
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+from preprocessing.errors import UserError
+from preprocessing.records import FORMAT_VERSION
+
+MANIFEST_NAME = "manifest.json"
+KIND = "sae-pipeline/records"
+
+
+def join(base: str, *parts: str) -> str:
+    """Joins URI parts with '/', for local paths and gs:// alike."""
+    return posixpath.join(base.rstrip("/"), *parts) if base else posixpath.join(*parts)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: str
+    data: dict
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        h, w, c = self.data["image_shape"]
+        return int(h), int(w), int(c)
+
+    @property
+    def compression(self) -> str | None:
+        return self.data.get("compression")
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.data.get("label_names", []))
+
+    def num_examples(self, split: str) -> int:
+        return int(self.data["splits"].get(split, {}).get("num_examples", 0))
+
+    def shard_paths(self, split: str) -> list[str]:
+        """Absolute URIs of a split's non-empty shards."""
+        shards = self.data["splits"].get(split, {}).get("shards", [])
+        return [join(self.root, s["path"]) for s in shards if s["num_examples"] > 0]
+
+
+def load(root: str) -> Manifest:
+    """Reads and checks ROOT/manifest.json (local path or gs://)."""
+    import tensorflow as tf
+
+    path = join(root, MANIFEST_NAME)
+    if not tf.io.gfile.exists(path):
+        raise UserError(
+            f"no dataset at {root}: {path} is missing (the preprocessing job writes it "
+            "last; run `sae preprocess --output {root}` or wait for it to finish)"
+        )
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rerun `sae preprocess`") from None
+    if data.get("kind") != KIND or data.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path} is not a sae-pipeline dataset manifest of format {FORMAT_VERSION} "
+            f"(kind={data.get('kind')!r}, format_version={data.get('format_version')!r})"
+        )
+    return Manifest(root.rstrip("/"), data)

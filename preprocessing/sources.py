@@ -1,0 +1,233 @@
+"""Image sources: what `--input SRC` can name, and how each becomes Items in Beam.
+
+  DIR or DIR/** or a glob      local or gs:// (a bare directory/prefix is read recursively);
+                               label = the first folder under the root (ImageFolder)
+  LIST.txt / LIST.csv          one image URI per line, optional ",label"; relative URIs are
+                               resolved against the list's folder; a "uri,label" header is skipped
+  tfds:NAME[/CONFIG][:SPLIT]   a prepared TFDS dataset (--tfds-data-dir); default split "train"
+  builtin:NAME                 see preprocessing.builtin
+
+Every source yields `Item`s; files are read later, in the parallel decode step, so the
+listing stays small and Beam can rebalance work (Reshuffle) before the expensive part.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import posixpath
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from preprocessing import builtin
+from preprocessing.errors import UserError
+
+LIST_SUFFIXES = (".txt", ".csv", ".lst")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input: a file to read (pixels is None) or an in-memory image."""
+
+    key: str
+    uri: str
+    label: str | None = None
+    pixels: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "files" | "list" | "tfds" | "builtin"
+    spec: str  # the glob, list URI, tfds name or builtin name
+    root: str = ""  # files: the folder labels are taken relative to
+    split: str = ""  # tfds only
+    data_dir: str | None = None  # tfds only
+
+
+def parse(src: str, tfds_data_dir: str | None = None) -> Source:
+    """Classifies SRC; raises UserError if it names nothing that exists."""
+    if src.startswith("builtin:"):
+        name = src.split(":", 1)[1]
+        if name not in builtin.NAMES:
+            raise UserError(
+                f"unknown built-in dataset {name!r} in --input {src}; "
+                f"choose one of: {', '.join('builtin:' + n for n in builtin.NAMES)}"
+            )
+        return Source("builtin", name)
+    if src.startswith("tfds:"):
+        name, _, split = src[len("tfds:") :].partition(":")
+        return Source("tfds", name, split=split or "train", data_dir=tfds_data_dir)
+    if src.lower().endswith(LIST_SUFFIXES) and not _GLOB_CHARS & set(src):
+        if not FileSystems.exists(src):
+            raise UserError(f"list file {src} does not exist; check the --input path")
+        return Source("list", src)
+    if _GLOB_CHARS & set(src):
+        root = src[: min(src.index(c) for c in _GLOB_CHARS if c in src)].rsplit("/", 1)[0]
+        pattern = src
+    else:
+        root = src.rstrip("/")
+        pattern = root + "/**"
+    if not FileSystems.match([pattern], limits=[1])[0].metadata_list:
+        raise UserError(
+            f"no files found at {src} (matched {pattern}); check the --input path and "
+            "that it is a folder, glob, gs:// prefix or list file with images in it"
+        )
+    return Source("files", pattern, root=root)
+
+
+def _relative_label(root: str, path: str) -> str | None:
+    rel = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
+    parts = rel.split("/")
+    return parts[0] if len(parts) > 1 else None
+
+
+def _parse_list_line(list_uri: str, line: str) -> list[Item]:
+    row = next(csv.reader([line]), [])
+    if not row or not row[0].strip() or row[0].strip().lower() in ("uri", "path", "filename"):
+        return []
+    uri = row[0].strip()
+    if "://" not in uri and not uri.startswith("/"):
+        uri = posixpath.join(posixpath.dirname(list_uri), uri)
+    label = row[1].strip() if len(row) > 1 and row[1].strip() else None
+    return [Item(key=uri, uri=uri, label=label)]
+
+
+class ReadSource(beam.PTransform):
+    """PBegin -> PCollection[Item], one per input image."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+
+    def expand(self, pbegin):
+        s = self.source
+        if s.kind == "builtin":
+            images, _ = builtin.load(s.spec)
+            items = [Item(im.key, im.key, im.label, im.pixels) for im in images]
+            return pbegin | "CreateBuiltin" >> beam.Create(items, reshuffle=False)
+        if s.kind == "tfds":
+            return pbegin | "ReadTfds" >> _ReadTfds(s)
+        if s.kind == "list":
+            lines = pbegin | "ReadList" >> beam.io.ReadFromText(s.spec)
+            items = lines | "ParseList" >> beam.FlatMap(lambda ln, u=s.spec: _parse_list_line(u, ln))
+        else:
+            root = s.root
+            items = (
+                pbegin
+                | "MatchFiles" >> beam.io.fileio.MatchFiles(s.spec)
+                | "ToItems"
+                >> beam.Map(lambda m, r=root: Item(m.path, m.path, _relative_label(r, m.path)))
+            )
+        # Listing happens on few workers; spread the (expensive) reads over all of them.
+        return items | "Spread" >> beam.Reshuffle()
+
+
+def tfds_builder(source: Source):
+    """The TFDS builder of a tfds: source; raises UserError if it is not prepared."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(source.spec, data_dir=source.data_dir)
+    except Exception as e:  # TFDS raises several types for unknown/unprepared names
+        raise UserError(
+            f"cannot open TFDS dataset {source.spec!r} in data dir "
+            f"{source.data_dir or '~/tensorflow_datasets'}: {str(e).splitlines()[0]}; "
+            "prepare it first (tfds build) and pass --tfds-data-dir"
+        ) from None
+    if source.split not in builder.info.splits:
+        raise UserError(
+            f"TFDS dataset {source.spec!r} has no split {source.split!r}; "
+            f"choose one of: {', '.join(builder.info.splits)}"
+        )
+    return builder
+
+
+def tfds_features(builder) -> tuple[str, str | None, list[str]]:
+    """(image feature name, label feature name or None, label names) of a TFDS dataset."""
+    import tensorflow_datasets as tfds
+
+    image_name = label_name = None
+    label_names: list[str] = []
+    for name, feature in builder.info.features.items():
+        if image_name is None and isinstance(feature, tfds.features.Image):
+            image_name = name
+        elif label_name is None and isinstance(feature, tfds.features.ClassLabel):
+            label_name, label_names = name, list(feature.names)
+    if image_name is None:
+        raise UserError(f"TFDS dataset {builder.name!r} has no Image feature to preprocess")
+    return image_name, label_name, label_names
+
+
+class _ReadTfds(beam.PTransform):
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+
+    def expand(self, pbegin):
+        import tensorflow_datasets as tfds
+
+        s = self.source
+        builder = tfds_builder(s)
+        image_name, label_name, names = tfds_features(builder)
+        prefix = f"tfds:{s.spec}:{s.split}/"
+
+        def to_item(example: dict) -> Item:
+            key = prefix + example["tfds_id"].decode()
+            label = names[int(example[label_name])] if label_name else None
+            return Item(key, key, label, example[image_name])
+
+        read_config = tfds.ReadConfig(add_tfds_id=True)
+        return (
+            pbegin
+            | "ReadFromTfds" >> tfds.beam.ReadFromTFDS(builder, s.split, read_config=read_config)
+            | "TfdsToItems" >> beam.Map(to_item)
+        )
+
+
+def label_names(source: Source) -> list[str] | None:
+    """Label names a source declares up front (builtin, TFDS); None = derive from the data."""
+    if source.kind == "builtin":
+        return builtin.load(source.spec)[1] or None
+    if source.kind == "tfds":
+        return tfds_features(tfds_builder(source))[2] or None
+    return None
+
+
+def first_image(source: Source) -> tuple[str, bytes | np.ndarray]:
+    """A deterministic sample input (its key and bytes or pixels) for shape defaults."""
+    if source.kind == "builtin":
+        im = builtin.load(source.spec)[0][0]
+        return im.key, im.pixels
+    if source.kind == "tfds":
+        import tensorflow_datasets as tfds
+
+        builder = tfds_builder(source)
+        image_name = tfds_features(builder)[0]
+        ds = builder.as_dataset(split=source.split).take(1)
+        return f"tfds:{source.spec}", next(iter(tfds.as_numpy(ds)))[image_name]
+    if source.kind == "list":
+        with FileSystems.open(source.spec) as f:
+            text = io.TextIOWrapper(f, encoding="utf-8")
+            listed = (it.uri for ln in text for it in _parse_list_line(source.spec, ln))
+            uris = list(itertools.islice(listed, 64))
+    else:
+        uris = sorted(m.path for m in FileSystems.match([source.spec], limits=[64])[0].metadata_list)
+    from preprocessing import images
+
+    for uri in uris:
+        with FileSystems.open(uri) as f:
+            data = f.read()
+        try:
+            images.decode(data)
+        except images.ImageError:
+            continue
+        return uri, data
+    raise UserError(
+        f"none of the first {len(uris)} inputs of {source.spec} is a readable image; "
+        "check --input, or pass --resize HxW and --channels to set the shape explicitly"
+    )
