@@ -36,8 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"sae: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        print(
+            f"sae: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     # Quiet TensorFlow's C++ start-up chatter; users still see warnings that matter.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

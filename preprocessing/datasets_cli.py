@@ -1,7 +1,7 @@
 """`sae datasets`: list the built-in datasets or export one as PNG files.
 
-    sae datasets list
-    sae datasets export digits /tmp/digits-png     # one folder per class
+sae datasets list
+sae datasets export digits /tmp/digits-png     # one folder per class
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import argparse
 from collections.abc import Sequence
 
 from preprocessing import builtin
-from preprocessing.errors import UserError
+from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import join
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sae datasets", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="sae datasets", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="list the built-in datasets")
     exp = sub.add_parser("export", help="write a built-in dataset as PNG files")

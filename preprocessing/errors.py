@@ -8,6 +8,8 @@ message says what is wrong, where, and what to do.
 
 from __future__ import annotations
 
+import argparse
+
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, no traceback."""
@@ -18,3 +20,10 @@ class UserError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a UserError: one line, exit 2, no usage dump."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see `{self.prog} --help`")

@@ -32,7 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from preprocessing import images, records, sources
-from preprocessing.errors import UserError
+from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import KIND, MANIFEST_NAME, join
 
 SPLITS = ("train", "eval")
@@ -72,51 +72,100 @@ def _positive(text: str) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="sae preprocess",
         description="Turn an image collection into sharded TFRecords, an error report "
         "and a manifest. Unknown flags go to Apache Beam (e.g. --runner DataflowRunner).",
-        epilog="Exit codes: 0 done; 2 bad flags or input; 3 too many bad images "
-        "(see OUT/errors/).",
+        epilog="Exit codes: 0 done; 2 bad flags or input; 3 too many bad images (see OUT/errors/).",
     )
-    p.add_argument("--input", required=True, metavar="SRC",
-                   help="folder, glob, gs:// prefix, list file (.txt/.csv: uri[,label] per "
-                   "line), tfds:NAME[/CONFIG][:SPLIT] or builtin:{digits,natural-images,faces}")
-    p.add_argument("--output", required=True, metavar="OUT",
-                   help="output folder (local or gs://); must be empty unless --overwrite")
-    p.add_argument("--resize", type=_size, metavar="HxW",
-                   help="resize every image to HxW (default: keep the size; images whose "
-                   "size differs from the first image's become errors)")
-    p.add_argument("--aspect", choices=("squash", "crop", "pad"), default="crop",
-                   help="how --resize handles aspect ratio: stretch, centre-crop, or pad "
-                   "with zeros (default: crop)")
-    p.add_argument("--channels", type=int, choices=(1, 3),
-                   help="1 (grey) or 3 (RGB); default: from the first image's mode")
-    p.add_argument("--patches", type=_positive, metavar="N",
-                   help="instead of whole images, sample N random patches per image "
-                   "(UFLDL natural-image mode)")
-    p.add_argument("--patch-size", type=_positive, default=8, metavar="K",
-                   help="patch side in pixels with --patches (default: 8)")
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="SRC",
+        help="folder, glob, gs:// prefix, list file (.txt/.csv: uri[,label] per "
+        "line), tfds:NAME[/CONFIG][:SPLIT] or builtin:{digits,natural-images,faces}",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output folder (local or gs://); must be empty unless --overwrite",
+    )
+    p.add_argument(
+        "--resize",
+        type=_size,
+        metavar="HxW",
+        help="resize every image to HxW (default: keep the size; images whose "
+        "size differs from the first image's become errors)",
+    )
+    p.add_argument(
+        "--aspect",
+        choices=("squash", "crop", "pad"),
+        default="crop",
+        help="how --resize handles aspect ratio: stretch, centre-crop, or pad "
+        "with zeros (default: crop)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="1 (grey) or 3 (RGB); default: from the first image's mode",
+    )
+    p.add_argument(
+        "--patches",
+        type=_positive,
+        metavar="N",
+        help="instead of whole images, sample N random patches per image "
+        "(UFLDL natural-image mode)",
+    )
+    p.add_argument(
+        "--patch-size",
+        type=_positive,
+        default=8,
+        metavar="K",
+        help="patch side in pixels with --patches (default: 8)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for patch sampling (default: 0)")
-    p.add_argument("--eval-fraction", type=_fraction, default=0.1,
-                   help="share of inputs that go to the eval split, by a hash of the "
-                   "input's key, so reruns split identically (default: 0.1)")
-    p.add_argument("--num-shards", type=_positive,
-                   help="shards per split (default: from --target-shard-mb, with at least "
-                   f"10 per split when each gets >= {MIN_EXAMPLES_PER_SHARD} examples)")
-    p.add_argument("--target-shard-mb", type=float, default=100.0,
-                   help="target shard size in MB (default: 100)")
-    p.add_argument("--compression", choices=("none", "gzip"), default="none",
-                   help="TFRecord compression (default: none)")
-    p.add_argument("--max-error-fraction", type=_fraction, default=0.1,
-                   help="fail (exit 3, after writing the error report) if more than this "
-                   "share of inputs is rejected (default: 0.1)")
-    p.add_argument("--max-pixels", type=_positive, default=images.MAX_PIXELS,
-                   help="reject images with more pixels (decompression bombs) "
-                   f"(default: {images.MAX_PIXELS})")
+    p.add_argument(
+        "--eval-fraction",
+        type=_fraction,
+        default=0.1,
+        help="share of inputs that go to the eval split, by a hash of the "
+        "input's key, so reruns split identically (default: 0.1)",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=_positive,
+        help="shards per split (default: from --target-shard-mb, with at least "
+        f"10 per split when each gets >= {MIN_EXAMPLES_PER_SHARD} examples)",
+    )
+    p.add_argument(
+        "--target-shard-mb",
+        type=float,
+        default=100.0,
+        help="target shard size in MB (default: 100)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=("none", "gzip"),
+        default="none",
+        help="TFRecord compression (default: none)",
+    )
+    p.add_argument(
+        "--max-error-fraction",
+        type=_fraction,
+        default=0.1,
+        help="fail (exit 3, after writing the error report) if more than this "
+        "share of inputs is rejected (default: 0.1)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=images.MAX_PIXELS,
+        help=f"reject images with more pixels (decompression bombs) (default: {images.MAX_PIXELS})",
+    )
     p.add_argument("--tfds-data-dir", help="TFDS data dir for tfds: sources")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete what is in OUT before writing")
+    p.add_argument("--overwrite", action="store_true", help="delete what is in OUT before writing")
     p.add_argument("--verbose", action="store_true", help="show Beam's INFO logs")
     return p
 
@@ -175,7 +224,9 @@ class ToExamples(beam.DoFn):
         h, w, c = self.shape
         if item.pixels is None:
             try:
-                with FileSystems.open(item.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                with FileSystems.open(
+                    item.uri, compression_type=CompressionTypes.UNCOMPRESSED
+                ) as f:
                     data = f.read()
             except OSError as e:
                 raise images.ImageError(f"cannot read the file ({e}); check permissions") from None
@@ -228,7 +279,18 @@ class PixelStats(beam.CombineFn):
             return {"mean": [], "std": []}
         mean = acc[0] / acc[2]
         std = np.sqrt(np.maximum(acc[1] / acc[2] - mean * mean, 0.0))
-        return {"mean": [round(float(v), 4) for v in mean], "std": [round(float(v), 4) for v in std]}
+        return {
+            "mean": [round(float(v), 4) for v in mean],
+            "std": [round(float(v), 4) for v in std],
+        }
+
+
+def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    """(count, bytes) pairs -> their element-wise sum."""
+    n = b = 0
+    for count, nbytes in pairs:
+        n, b = n + count, b + nbytes
+    return n, b
 
 
 def num_shards_for(count: int, nbytes: int, opts: dict) -> int:
@@ -297,8 +359,18 @@ class Finalize(beam.DoFn):
     def __init__(self, out: str, shape, opts: dict, source: str):
         self.out, self.shape, self.opts, self.source = out, shape, opts, source
 
-    def process(self, _, shards, counts, num_shards, stats, label_names, num_inputs,
-                num_accepted, num_errors):
+    def process(
+        self,
+        _,
+        shards,
+        counts,
+        num_shards,
+        stats,
+        label_names,
+        num_inputs,
+        num_accepted,
+        num_errors,
+    ):
         by_split = {s: {} for s in SPLITS}
         for sh in shards:
             by_split[sh["split"]][sh["path"]] = sh["num_examples"]
@@ -310,7 +382,9 @@ class Finalize(beam.DoFn):
                 if name not in by_split[split]:
                     _write_atomically(join(self.out, name), [], self.opts["compression"] == "gzip")
                     by_split[split][name] = 0
-            shard_list = [{"path": p, "num_examples": c} for p, c in sorted(by_split[split].items())]
+            shard_list = [
+                {"path": p, "num_examples": c} for p, c in sorted(by_split[split].items())
+            ]
             total = sum(s["num_examples"] for s in shard_list)
             if total != counts.get(split, (0, 0))[0]:
                 raise RuntimeError(f"{split}: wrote {total} examples, expected {counts[split][0]}")
@@ -319,7 +393,8 @@ class Finalize(beam.DoFn):
             _write_atomically(join(self.out, ERRORS_FILE), [])
         if num_accepted + num_errors != num_inputs:
             raise RuntimeError(
-                f"accounting bug: {num_inputs} inputs != {num_accepted} accepted + {num_errors} errors"
+                f"accounting bug: {num_inputs} inputs != "
+                f"{num_accepted} accepted + {num_errors} errors"
             )
         summary = {
             "num_inputs": num_inputs,
@@ -329,8 +404,9 @@ class Finalize(beam.DoFn):
         }
         fraction = num_errors / num_inputs if num_inputs else 1.0
         if fraction > self.opts["max_error_fraction"] or num_accepted == 0:
-            failed = dict(summary, error_fraction=fraction,
-                          max_error_fraction=self.opts["max_error_fraction"])
+            failed = dict(
+                summary, error_fraction=fraction, max_error_fraction=self.opts["max_error_fraction"]
+            )
             _write_atomically(join(self.out, FAILED_NAME), [json.dumps(failed, indent=2).encode()])
             return
         manifest = {
@@ -362,8 +438,15 @@ def _sorted_labels(labels: list[str]) -> list[str]:
     return sorted(labels)
 
 
-def build(p: beam.Pipeline, source: sources.Source, out: str, shape, opts: dict,
-          declared_labels: list[str] | None, src_text: str) -> None:
+def build(
+    p: beam.Pipeline,
+    source: sources.Source,
+    out: str,
+    shape,
+    opts: dict,
+    declared_labels: list[str] | None,
+    src_text: str,
+) -> None:
     items = p | "ReadSource" >> sources.ReadSource(source)
     if declared_labels is not None:
         labels = p | "DeclaredLabels" >> beam.Create([declared_labels])
@@ -384,7 +467,7 @@ def build(p: beam.Pipeline, source: sources.Source, out: str, shape, opts: dict,
     counts = (
         examples
         | "SizeOf" >> beam.Map(lambda e: (e[0], (1, len(e[2]))))
-        | "CountPerSplit" >> beam.CombinePerKey(lambda vs: tuple(map(sum, zip(*vs))) or (0, 0))
+        | "CountPerSplit" >> beam.CombinePerKey(_sum_pairs)
         | "CountsDict" >> beam.combiners.ToDict()
     )
     num_shards = counts | "NumShards" >> beam.Map(
@@ -481,6 +564,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the manifest. Raises UserError for bad flags or input."""
     args, beam_args = make_parser().parse_known_args(argv)
     logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:  # the DirectRunner relays every worker's start-up warnings
+        logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
+            logging.ERROR
+        )
     out = args.output.rstrip("/")
     source = sources.parse(args.input, args.tfds_data_dir)
     declared = sources.label_names(source)
@@ -502,8 +589,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     _prepare_output(out, args.overwrite)
     options = PipelineOptions(_default_beam_args(beam_args))
     runner = options.get_all_options().get("runner")
-    print(f"preprocess: {args.input} -> {out}  (image {shape[0]}x{shape[1]}x{shape[2]}, "
-          f"runner {runner})", flush=True)
+    print(
+        f"preprocess: {args.input} -> {out}  (image {shape[0]}x{shape[1]}x{shape[2]}, "
+        f"runner {runner})",
+        flush=True,
+    )
     with beam.Pipeline(options=options) as p:
         build(p, source, out, shape, opts, declared, args.input)
     return _report(out)

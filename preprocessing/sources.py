@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from preprocessing import builtin
@@ -114,12 +115,14 @@ class ReadSource(beam.PTransform):
             return pbegin | "ReadTfds" >> _ReadTfds(s)
         if s.kind == "list":
             lines = pbegin | "ReadList" >> beam.io.ReadFromText(s.spec)
-            items = lines | "ParseList" >> beam.FlatMap(lambda ln, u=s.spec: _parse_list_line(u, ln))
+            items = lines | "ParseList" >> beam.FlatMap(
+                lambda ln, u=s.spec: _parse_list_line(u, ln)
+            )
         else:
             root = s.root
             items = (
                 pbegin
-                | "MatchFiles" >> beam.io.fileio.MatchFiles(s.spec)
+                | "MatchFiles" >> fileio.MatchFiles(s.spec)
                 | "ToItems"
                 >> beam.Map(lambda m, r=root: Item(m.path, m.path, _relative_label(r, m.path)))
             )
@@ -216,7 +219,9 @@ def first_image(source: Source) -> tuple[str, bytes | np.ndarray]:
             listed = (it.uri for ln in text for it in _parse_list_line(source.spec, ln))
             uris = list(itertools.islice(listed, 64))
     else:
-        uris = sorted(m.path for m in FileSystems.match([source.spec], limits=[64])[0].metadata_list)
+        uris = sorted(
+            m.path for m in FileSystems.match([source.spec], limits=[64])[0].metadata_list
+        )
     from preprocessing import images
 
     for uri in uris:

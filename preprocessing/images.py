@@ -1,0 +1,197 @@
+"""Pure image operations: bytes -> Pillow image -> uint8 array -> resized image or patches.
+
+No TensorFlow and no Beam here, so every step is testable on in-memory bytes. The contract
+with `records.py`: `to_array`, `resize` and `sample_patches` return uint8 [H, W, C] (or
+[N, size, size, C]) with C in {1, 3}.
+
+Rejected inputs raise `ImageError`, whose one-line message goes into the error report; any
+other exception is a bug and should crash loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own default, restated so our limit does not move if someone edits the global.
+MAX_PIXELS: int = 89_478_485
+
+RESIZE_MODES = ("squash", "crop", "pad")
+
+_GREY_MODES = {"1", "L", "LA", "La", "I", "F"}  # plus every "I;16*" variant
+
+# What Pillow raises on truncated or corrupt data (UnidentifiedImageError is an OSError, but
+# it is caught first for a clearer message).
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+
+class ImageError(ValueError):
+    """A rejected input; str(err) is one line saying what is wrong and what to do."""
+
+    def __init__(self, message: str):
+        # The message lands in a one-line-per-file error report, so Pillow text that we embed
+        # must not break it.
+        super().__init__(" ".join(message.split()))
+
+
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decodes an encoded image (JPEG, PNG, GIF first frame, BMP, TIFF, WebP, ...).
+
+    Returns a fully loaded image (so truncation is detected here, not later) with its EXIF
+    orientation applied, in Pillow's mode for the file ('L', 'RGB', 'P', 'I;16', ...).
+    Raises ImageError for empty, non-image, truncated or corrupt data, and for images with
+    more than `max_pixels` pixels, checked from the header before any pixel is decoded.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes); remove it or re-download it")
+    try:
+        # Pillow reports oversized images and odd EXIF through the warnings machinery; our
+        # size check is the one that decides, and rejects are reported by the pipeline.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image is {width}x{height} = {width * height} pixels, over the "
+                    f"{max_pixels}-pixel limit (possible decompression bomb); downscale it"
+                )
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError(
+            "not an image (Pillow cannot identify the format); remove it or convert it to PNG/JPEG"
+        ) from None
+    except Image.DecompressionBombError as err:
+        # Pillow's global limit (2x Image.MAX_IMAGE_PIXELS) fired before our header check.
+        raise ImageError(f"{err}; downscale it") from None
+    except _CORRUPT as err:
+        raise ImageError(
+            f"truncated or corrupt image ({type(err).__name__}: {err}); re-download or re-export it"
+        ) from None
+
+
+def default_channels(img: Image.Image) -> int:
+    """1 for grey images (grey modes, or a palette whose used colours are all grey), else 3."""
+    if img.mode in _GREY_MODES or img.mode.startswith("I;16"):
+        return 1
+    if img.mode == "P":
+        # Only the colours in use count: GIF/PNG palettes often carry unused colour entries.
+        palette = np.zeros((256, 3), np.uint8)
+        entries = np.asarray(img.getpalette("RGB") or [], np.uint8).reshape(-1, 3)
+        palette[: len(entries)] = entries
+        used = palette[np.unique(np.asarray(img))]
+        return 1 if (used == used[:, :1]).all() else 3
+    return 3
+
+
+def to_array(img: Image.Image, channels: int) -> np.ndarray:
+    """Converts a decoded image to uint8 [H, W, channels], channels in {1, 3}.
+
+    - 16-bit data ('I;16*', and 'I', which Pillow uses for 16-bit files) is scaled by 255/65535
+      with rounding, so the full range survives (Pillow's convert('L') clips at 255 instead).
+    - 'F' is read on the 0..255 scale, as Pillow's 'L' -> 'F' conversion produces.
+    - Alpha (LA, RGBA, P or L/RGB with a transparency key) is composited over black: the
+      result is deterministic whatever the viewer's background, and transparent regions
+      look like the zero padding of `resize(..., 'pad')`.
+    - Grey -> 3 channels repeats the grey; colour -> 1 channel is ITU-R 601-2 luma (Pillow 'L').
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        pixels = ((wide + 128) // 257).astype(np.uint8)[..., None]
+    elif img.mode == "F":
+        floats = np.nan_to_num(np.asarray(img, np.float32))
+        pixels = np.clip(floats, 0, 255).round().astype(np.uint8)[..., None]
+    else:
+        grey = img.mode in _GREY_MODES
+        alpha = img.has_transparency_data
+        target = ("LA" if alpha else "L") if grey else ("RGBA" if alpha else "RGB")
+        pixels = np.asarray(img.convert(target))
+        if grey and not alpha:
+            pixels = pixels[..., None]
+        if alpha:
+            colour, a = pixels[..., :-1].astype(np.uint16), pixels[..., -1:].astype(np.uint16)
+            pixels = ((colour * a + 127) // 255).astype(np.uint8)
+    if pixels.shape[2] == channels:
+        return pixels
+    if channels == 3:
+        return np.repeat(pixels, 3, axis=2)
+    return np.asarray(Image.fromarray(pixels).convert("L"))[..., None]
+
+
+def resize(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+    """Resizes uint8 [H, W, C] (C in {1, 3}) to uint8 [height, width, C].
+
+    mode: 'squash' stretches to the target, ignoring aspect ratio; 'crop' resamples the
+    largest centred region with the target's aspect ratio (scale to cover, centre crop);
+    'pad' scales to fit inside and centres the result on zeros. Resampling is Pillow's
+    BILINEAR, which widens its kernel when downscaling, so it is antialiased. An image that
+    is already the target size is returned as is.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"image must be uint8 [H, W, 1|3], got {image.dtype} {image.shape}")
+    h, w, c = image.shape
+    if (h, w) == (height, width):
+        return image
+    pil = Image.fromarray(image[..., 0] if c == 1 else image)
+    bilinear = Image.Resampling.BILINEAR
+    if mode == "squash":
+        out = pil.resize((width, height), bilinear)
+    elif mode == "crop":
+        # Crop box in source pixels (sub-pixel), resampled in one step; integer comparison
+        # so an image that already has the target aspect ratio gives exactly 'squash'.
+        box_w = h * width / height if w * height > h * width else w
+        box_h = w * height / width if w * height < h * width else h
+        left, top = (w - box_w) / 2, (h - box_h) / 2
+        out = pil.resize((width, height), bilinear, box=(left, top, left + box_w, top + box_h))
+    else:
+        scale = min(height / h, width / w)
+        fit_h = min(height, max(1, round(h * scale)))
+        fit_w = min(width, max(1, round(w * scale)))
+        out = Image.new(pil.mode, (width, height))  # zeros
+        corner = ((width - fit_w) // 2, (height - fit_h) // 2)
+        out.paste(pil.resize((fit_w, fit_h), bilinear), corner)
+    return np.asarray(out).reshape(height, width, c)
+
+
+def sample_patches(
+    image: np.ndarray, count: int, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """UFLDL's sampleIMAGES: `count` size x size windows at uniform random positions.
+
+    image uint8 [H, W, C] -> uint8 [count, size, size, C], raw pixels (normalisation is the
+    trainer's job). Raises ImageError if the image is smaller than a patch.
+    """
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        raise ImageError(
+            f"image is {w}x{h}, smaller than the {size}x{size} patch size; "
+            "use a smaller patch size or remove the image"
+        )
+    tops = rng.integers(0, h - size + 1, count)
+    lefts = rng.integers(0, w - size + 1, count)
+    offsets = np.arange(size)
+    rows = tops[:, None, None] + offsets[None, :, None]  # [count, size, 1]
+    cols = lefts[:, None, None] + offsets[None, None, :]  # [count, 1, size]
+    return image[rows, cols]
+
+
+def patch_rng(key: str, seed: int) -> np.random.Generator:
+    """A generator seeded from sha256(seed, key), not from Python's per-process hash().
+
+    So the patches of an image depend only on its key and the seed, not on processing
+    order, worker or run (for a given NumPy version, whose Generator methods may change).
+    """
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))

@@ -1,0 +1,266 @@
+"""End-to-end tests of `sae preprocess` on the real Beam DirectRunner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from preprocessing import job, manifest, records
+from preprocessing.errors import UserError
+from tests.collections import image_bytes, messy_collection
+
+# In-process DirectRunner keeps most tests fast; one test runs the multi-process mode.
+FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+
+
+def read_split(root: str, split: str) -> list[records.Record]:
+    m = manifest.load(root)
+    ds = tf.data.TFRecordDataset(m.shard_paths(split), compression_type=m.compression or "")
+    return [records.decode(r.numpy()) for r in ds]
+
+
+def error_entries(root: str | Path) -> list[dict]:
+    text = (Path(root) / job.ERRORS_FILE).read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_record_round_trip_eager_and_in_tf_data():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (5, 4, 3, 3), dtype=np.uint8)
+    ser = [records.encode(f"k{i}", im, label=i if i % 2 else None) for i, im in enumerate(imgs)]
+    for i, s in enumerate(ser):
+        r = records.decode(s)
+        assert r.key == f"k{i}" and r.label == (i if i % 2 else None)
+        np.testing.assert_array_equal(r.image, imgs[i])
+    ds = (
+        tf.data.Dataset.from_tensor_slices(ser)
+        .batch(5)
+        .map(lambda s: records.parse_batch(s, (4, 3, 3)))
+    )
+    batch = next(iter(ds))
+    np.testing.assert_array_equal(batch["image"].numpy(), imgs)
+    assert batch["label"].numpy().tolist() == [
+        records.NO_LABEL,
+        1,
+        records.NO_LABEL,
+        3,
+        records.NO_LABEL,
+    ]
+
+
+def test_parse_batch_rejects_a_shape_that_differs_from_the_manifest():
+    ser = [records.encode("k", np.zeros((4, 4, 1), np.uint8))]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="does not match"):
+        records.parse_batch(tf.constant(ser), (8, 8, 1))
+
+
+def test_digits_end_to_end(tmp_path):
+    from sklearn.datasets import load_digits
+
+    out = str(tmp_path / "digits")
+    m = job.run(["--input", "builtin:digits", "--output", out, "--eval-fraction", "0.2", *FAST])
+    digits = load_digits()
+    assert m["num_inputs"] == len(digits.images) == m["num_inputs_accepted"]
+    assert m["num_errors"] == 0 and error_entries(out) == []
+    assert m["image_shape"] == [8, 8, 1] and m["label_names"] == [str(d) for d in range(10)]
+    train, ev = read_split(out, "train"), read_split(out, "eval")
+    assert len(train) + len(ev) == len(digits.images)
+    assert 0.1 < len(ev) / len(digits.images) < 0.3
+    for r in train[:50] + ev[:50]:
+        i = int(r.key.rsplit("/", 1)[1])
+        assert r.label == digits.target[i]
+        np.testing.assert_array_equal(r.image[:, :, 0], np.rint(digits.images[i] * 255 / 16))
+    pixels = np.stack([r.image for r in train]).astype(np.float64)
+    np.testing.assert_allclose(m["pixel_mean"], [pixels.mean()], rtol=1e-4)
+    np.testing.assert_allclose(m["pixel_std"], [pixels.std()], rtol=1e-4)
+
+
+def test_messy_collection_accounts_for_every_file_multiprocess(tmp_path):
+    expect = messy_collection(tmp_path / "src", np.random.default_rng(1))
+    out = str(tmp_path / "out")
+    m = job.run(
+        [
+            "--input",
+            str(tmp_path / "src"),
+            "--output",
+            out,
+            "--resize",
+            "16x16",
+            "--channels",
+            "3",
+            "--max-error-fraction",
+            "0.5",
+            "--direct_running_mode=multi_processing",
+            "--direct_num_workers=2",
+        ]
+    )
+    recs = read_split(out, "train") + read_split(out, "eval")
+    errors = error_entries(out)
+    got_ok = {r.key for r in recs}
+    got_bad = {e["uri"]: e["reason"] for e in errors}
+    assert got_ok == {p for p, bad in expect.items() if bad is None}
+    assert set(got_bad) == {p for p, bad in expect.items() if bad is not None}
+    for path, reason in got_bad.items():
+        assert expect[path] in reason.lower() and "\n" not in reason
+    assert m["num_inputs"] == len(expect) == m["num_inputs_accepted"] + m["num_errors"]
+    assert m["label_names"] == ["cat", "dog"]
+    for r in recs:
+        assert r.image.shape == (16, 16, 3)
+        folder = Path(r.key).relative_to(tmp_path / "src").parts[0]
+        want = m["label_names"].index(folder) if folder in ("cat", "dog") else None
+        assert r.label == want
+
+
+def test_too_many_errors_fails_after_writing_the_report(tmp_path):
+    expect = messy_collection(tmp_path / "src", np.random.default_rng(2))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="rejected") as e:
+        job.run(
+            [
+                "--input",
+                str(tmp_path / "src"),
+                "--output",
+                str(out),
+                "--resize",
+                "8x8",
+                "--max-error-fraction",
+                "0.1",
+                *FAST,
+            ]
+        )
+    assert e.value.exit_code == job.EXIT_TOO_MANY_ERRORS
+    assert not (out / manifest.MANIFEST_NAME).exists()
+    assert len(error_entries(out)) == sum(bad is not None for bad in expect.values())
+
+
+def test_size_mismatch_without_resize_is_an_error_entry(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(9):
+        (src / f"ok{i}.png").write_bytes(image_bytes(rng.integers(0, 255, (6, 5), np.uint8), "PNG"))
+    (src / "z-big.png").write_bytes(image_bytes(np.zeros((7, 7), np.uint8), "PNG"))
+    m = job.run(["--input", str(src), "--output", str(tmp_path / "o"), *FAST])
+    assert m["image_shape"] == [6, 5, 1] and m["num_errors"] == 1
+    (err,) = error_entries(tmp_path / "o")
+    assert err["uri"].endswith("z-big.png") and "--resize" in err["reason"]
+
+
+def test_rerun_is_deterministic_and_patches_are_reproducible(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(6):
+        (src / f"p{i}.png").write_bytes(
+            image_bytes(rng.integers(0, 255, (30, 40), np.uint8), "PNG")
+        )
+    args = ["--input", str(src), "--patches", "25", "--patch-size", "8", "--num-shards", "3", *FAST]
+    m1 = job.run([*args, "--output", str(tmp_path / "a")])
+    m2 = job.run([*args, "--output", str(tmp_path / "b"), "--direct_num_workers=2"])
+    assert m1["splits"] == m2["splits"] and m1["num_inputs"] == 6
+    assert sum(m1["splits"][s]["num_examples"] for s in job.SPLITS) == 6 * 25
+    for split in job.SPLITS:
+        for shard in m1["splits"][split]["shards"]:
+            a = (tmp_path / "a" / shard["path"]).read_bytes()
+            assert a == (tmp_path / "b" / shard["path"]).read_bytes()
+    # All patches of one image land in one split (no train/eval leakage).
+    for split, other in (("train", "eval"), ("eval", "train")):
+        images_here = {r.key.split("#")[0] for r in read_split(str(tmp_path / "a"), split)}
+        images_there = {r.key.split("#")[0] for r in read_split(str(tmp_path / "a"), other)}
+        assert not images_here & images_there
+    # Each patch is a real window of its source image.
+    r = read_split(str(tmp_path / "a"), "train")[0]
+    from PIL import Image
+
+    full = np.asarray(Image.open(r.key.split("#")[0]))
+    windows = np.lib.stride_tricks.sliding_window_view(full, (8, 8))
+    assert (windows == r.image[:, :, 0]).all(axis=(2, 3)).any()
+
+
+def test_list_file_with_labels_and_gzip(tmp_path):
+    rng = np.random.default_rng(5)
+    (tmp_path / "imgs").mkdir()
+    lines = ["uri,label"]
+    for i in range(8):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(
+            image_bytes(rng.integers(0, 255, (5, 5, 3), np.uint8), "PNG")
+        )
+        lines.append(f"imgs/{i}.png,{10 if i % 2 else 2}")
+    lines.append("imgs/missing.png,2")
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "out")
+    m = job.run(
+        [
+            "--input",
+            str(tmp_path / "list.csv"),
+            "--output",
+            out,
+            "--compression",
+            "gzip",
+            "--max-error-fraction",
+            "0.2",
+            *FAST,
+        ]
+    )
+    assert m["label_names"] == ["2", "10"] and m["compression"] == "GZIP"
+    assert m["num_inputs"] == 9 and m["num_errors"] == 1
+    assert all(s["path"].endswith(".tfrecord.gz") for s in m["splits"]["train"]["shards"])
+    recs = read_split(out, "train") + read_split(out, "eval")
+    assert sorted(r.label for r in recs) == [0] * 4 + [1] * 4
+    (err,) = error_entries(out)
+    assert err["uri"].endswith("missing.png") and "cannot read" in err["reason"]
+
+
+def test_output_must_be_empty_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.tfrecord").write_bytes(b"old")
+    args = ["--input", "builtin:faces", "--output", str(out), *FAST]
+    with pytest.raises(UserError, match="not empty"):
+        job.run(args)
+    m = job.run([*args, "--overwrite"])
+    assert not (out / "stale.tfrecord").exists()
+    assert m["num_inputs"] == 200 and m["label_names"] == ["face", "non-face"]
+
+
+def _sae(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--input", "/no/such/dir", "--output", "/tmp/x"], "no files found at /no/such/dir"),
+        (["--input", "builtin:nope", "--output", "/tmp/x"], "unknown built-in dataset"),
+        (["--input", "/no/list.csv", "--output", "/tmp/x"], "list file /no/list.csv does not"),
+        (["--input", "builtin:digits", "--output", "/tmp/x", "--resize", "big"], "expected HxW"),
+        (["--output", "/tmp/x"], "--input"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(args, needle):
+    r = _sae("preprocess", *args)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if "error:" in ln]) == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("sae preprocess: error:")
+
+
+def test_cli_help_and_dataset_export(tmp_path):
+    r = _sae("--help")
+    assert r.returncode == 0 and "preprocess" in r.stdout
+    r = _sae("preprocess", "--help")
+    assert r.returncode == 0 and "--max-error-fraction" in r.stdout
+    r = _sae("datasets", "export", "faces", str(tmp_path / "faces"))
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "faces" / "face").glob("*.png"))) == 100
+    assert len(list((tmp_path / "faces" / "non-face").glob("*.png"))) == 100
+    r = _sae("datasets", "export", "faces", str(tmp_path / "faces"))
+    assert r.returncode == 2 and "already contains files" in r.stderr
