@@ -180,9 +180,11 @@ class _ReadTfds(beam.PTransform):
         prefix = f"tfds:{s.spec}:{s.split}/"
 
         def to_item(example: dict) -> Item:
-            key = prefix + example["tfds_id"].decode()
-            label = names[int(example[label_name])] if label_name else None
-            return Item(key, key, label, example[image_name])
+            # ReadFromTFDS yields eager tensors; Items carry plain NumPy.
+            ex = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in example.items()}
+            key = prefix + ex["tfds_id"].decode()
+            label = names[int(ex[label_name])] if label_name else None
+            return Item(key, key, label, np.asarray(ex[image_name]))
 
         read_config = tfds.ReadConfig(add_tfds_id=True)
         return (

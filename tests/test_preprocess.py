@@ -264,3 +264,57 @@ def test_cli_help_and_dataset_export(tmp_path):
     assert len(list((tmp_path / "faces" / "non-face").glob("*.png"))) == 100
     r = _sae("datasets", "export", "faces", str(tmp_path / "faces"))
     assert r.returncode == 2 and "already contains files" in r.stderr
+
+
+def test_tfds_source_prepared_offline(tmp_path):
+    import tensorflow_datasets as tfds
+
+    # Unregistered, like a dataset prepared elsewhere: the job reads it from its files.
+    class TinyShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """Dark (0) and light (1) 6x6 squares, prepared here with no download."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(6, 6, 1)),
+                    "label": tfds.features.ClassLabel(names=["dark", "light"]),
+                }
+            )
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(30), "test": self._generate_examples(5)}
+
+        def _generate_examples(self, n):
+            rng = np.random.default_rng(n)
+            for i in range(n):
+                image = rng.integers(0, 128, (6, 6, 1), dtype=np.uint8) + 127 * (i % 2)
+                yield i, {"image": image.astype(np.uint8), "label": i % 2}
+
+    data_dir = str(tmp_path / "tfds")
+    TinyShapes(data_dir=data_dir).download_and_prepare()
+    out = str(tmp_path / "out")
+    m = job.run(
+        ["--input", "tfds:tiny_shapes:train", "--tfds-data-dir", data_dir, "--output", out, *FAST]
+    )
+    assert m["num_inputs"] == 30 and m["num_errors"] == 0
+    assert m["image_shape"] == [6, 6, 1] and m["label_names"] == ["dark", "light"]
+    recs = read_split(out, "train") + read_split(out, "eval")
+    assert len({r.key for r in recs}) == 30
+    assert all(r.key.startswith("tfds:tiny_shapes:train/") for r in recs)
+    for r in recs:  # light squares are >= 127 everywhere, dark ones < 128
+        assert (r.image.min() >= 127) if r.label == 1 else (r.image.max() < 128)
+    with pytest.raises(UserError, match="no split 'validation'"):
+        job.run(
+            [
+                "--input",
+                "tfds:tiny_shapes:validation",
+                "--tfds-data-dir",
+                data_dir,
+                "--output",
+                str(tmp_path / "o2"),
+                *FAST,
+            ]
+        )
