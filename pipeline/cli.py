@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # name -> (module with run(argv), one-line help). Imported lazily: `sae --help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("preprocessing.job", "images -> sharded TFRecords + manifest (Apache Beam)"),
+    "train": ("trainer.train", "train a KL-sparse autoencoder (tf.data + tf.distribute)"),
     "datasets": ("preprocessing.datasets_cli", "list or export the built-in datasets"),
 }
 

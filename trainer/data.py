@@ -1,0 +1,150 @@
+"""The input pipeline: manifest shards -> batches of uint8 images for `model.fit`.
+
+    files (from the manifest) -> interleave(TFRecordDataset, parallel) -> shuffle
+      -> batch(GLOBAL batch, drop_remainder) -> parse_batch (vectorized) -> prefetch
+
+Batches hold the global batch; tf.distribute splits each across replicas and
+shards the data across workers by FILE when every worker gets at least
+`MIN_FILES_PER_WORKER` shards, else by DATA (every worker reads all, keeps its part).
+
+Order guarantee: the training stream is a pure function of (manifest, seed):
+epoch e is the train split shuffled with seed (seed, e), and epochs follow one
+another. A run resumed at global step g skips the first g batches of that same
+stream, so an interrupted and resumed run sees exactly the batches an
+uninterrupted run would (single worker; with several workers the order within a
+step may differ because FILE/DATA sharding assigns data per worker).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from preprocessing import records
+from preprocessing.errors import UserError
+from preprocessing.manifest import Manifest
+
+MIN_FILES_PER_WORKER = 2
+SHUFFLE_BUFFER = 10_000
+
+
+def num_workers() -> int:
+    """Workers in the cluster TF_CONFIG describes (1 when there is none)."""
+    import json
+    import os
+
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    return max(1, sum(len(v) for k, v in cluster.items() if k in ("chief", "worker")))
+
+
+def _options(num_files: int) -> tf.data.Options:
+    opts = tf.data.Options()
+    enough = num_files >= MIN_FILES_PER_WORKER * num_workers()
+    opts.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.FILE
+        if enough
+        else tf.data.experimental.AutoShardPolicy.DATA
+    )
+    opts.deterministic = True
+    return opts
+
+
+def _records(paths: list[str], compression: str | None, shuffle_files_seed=None) -> tf.data.Dataset:
+    files = tf.data.Dataset.from_tensor_slices(paths)
+    if shuffle_files_seed is not None:
+        files = files.shuffle(len(paths), seed=shuffle_files_seed)
+    return files.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=compression or ""),
+        cycle_length=min(len(paths), 16),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+
+
+def _parse(manifest: Manifest):
+    shape = manifest.image_shape
+    return lambda serialized: records.parse_batch(serialized, shape)["image"]
+
+
+def check_shape(manifest: Manifest, input_shape: tuple[int, int, int]) -> None:
+    if tuple(manifest.image_shape) != tuple(input_shape):
+        raise UserError(
+            f"dataset {manifest.root} holds {'x'.join(map(str, manifest.image_shape))} images "
+            f"but the model expects {'x'.join(map(str, input_shape))}; pass "
+            f"--set input_shape={','.join(map(str, manifest.image_shape))} or use another --data"
+        )
+
+
+def _paths(manifest: Manifest, split: str) -> list[str]:
+    paths = manifest.shard_paths(split)
+    if not paths:
+        raise UserError(
+            f"dataset {manifest.root} has no {split} examples; rerun preprocessing "
+            "with more data or a different --eval-fraction"
+        )
+    return paths
+
+
+def train_stream(
+    manifest: Manifest, global_batch_size: int, seed: int, start_step: int = 0
+) -> tf.data.Dataset:
+    """Infinite stream of uint8 batches [global_batch, H, W, C], resumable at a step.
+
+    Each epoch is the whole train split shuffled with seed (seed, epoch); a batch never
+    spans two epochs (drop_remainder), so every step has exactly the global batch.
+    """
+    paths = _paths(manifest, "train")
+    per_epoch = manifest.num_examples("train") // global_batch_size
+    if per_epoch < 1:
+        raise UserError(
+            f"the train split of {manifest.root} has {manifest.num_examples('train')} examples, "
+            f"fewer than one global batch ({global_batch_size}); lower global_batch_size"
+        )
+    compression = manifest.compression
+
+    def epoch(e):
+        ds = _records(paths, compression, shuffle_files_seed=seed * 1_000_003 + e)
+        ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
+        return ds.batch(global_batch_size, drop_remainder=True)
+
+    first_epoch, skip = divmod(start_step, per_epoch)
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(skip)
+    ds = ds.map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
+
+
+def eval_dataset(
+    manifest: Manifest, global_batch_size: int, split: str = "eval", drop_remainder: bool = False
+) -> tf.data.Dataset:
+    """One pass over a split in file order, batched and parsed."""
+    paths = _paths(manifest, split)
+    n = manifest.num_examples(split)
+    batches = n // global_batch_size if drop_remainder else -(-n // global_batch_size)
+    ds = _records(paths, manifest.compression).batch(global_batch_size, drop_remainder)
+    # Known length: Keras shows progress and does not warn about running out of data.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+    ds = ds.map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
+
+
+def steps_per_epoch(manifest: Manifest, global_batch_size: int, configured: int) -> int:
+    return configured or max(1, manifest.num_examples("train") // global_batch_size)
+
+
+def check_readable(manifest: Manifest) -> None:
+    """Reads one record of every shard: a missing or corrupt shard is a clear error up front."""
+    for split in ("train", "eval"):
+        for path in manifest.shard_paths(split):
+            try:
+                for _ in tf.data.TFRecordDataset(
+                    path, compression_type=manifest.compression or ""
+                ).take(1):
+                    pass
+            except (
+                tf.errors.DataLossError,
+                tf.errors.NotFoundError,
+                tf.errors.InvalidArgumentError,
+            ) as e:
+                raise UserError(
+                    f"shard {path} of dataset {manifest.root} is unreadable "
+                    f"({type(e).__name__}: {e.message.splitlines()[0]}); rerun `sae preprocess`"
+                ) from None

@@ -1,0 +1,314 @@
+"""`sae train`: a KL-sparse autoencoder on a preprocessed dataset, on 1 device to N workers.
+
+    sae train --data runs/digits/data --workdir runs/digits/train --preset digits
+    sae train ... --cpu-replicas 2            # MirroredStrategy on 2 logical CPU devices
+    TF_CONFIG='{"cluster": ..., "task": ...}' sae train ...   # MultiWorkerMirroredStrategy
+
+One code path: the strategy comes from `trainer.distribute`, the model and loss do
+not know how many replicas there are. Rerunning the same command with the same
+--workdir resumes from the last checkpoint at step granularity (see trainer/data.py
+for the data-order guarantee).
+
+WORKDIR/ config.json, checkpoints/, tensorboard/, export/ (SavedModel),
+         metrics.json, filters.png, reconstructions.png
+Exit codes: 0 done; 2 bad flags, config or data; 4 the loss became NaN/Inf (the last
+good checkpoint is kept); 75 stopped by SIGTERM after saving a checkpoint (retryable).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Sequence
+
+from preprocessing import manifest as manifest_lib
+from preprocessing.errors import ArgumentParser, UserError
+from preprocessing.manifest import join
+
+EXIT_NAN = 4
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: restart me
+
+
+def make_parser() -> ArgumentParser:
+    from trainer.config import PRESETS
+
+    p = ArgumentParser(
+        prog="sae train",
+        description="Train a KL-sparse autoencoder (UFLDL cost) on `sae preprocess` output.",
+        epilog="Exit codes: 0 done; 2 bad flags/config/data; 4 NaN/Inf loss; "
+        "75 stopped by SIGTERM after a checkpoint (rerun to resume).",
+    )
+    p.add_argument(
+        "--data", required=True, help="dataset folder (local or gs://) with manifest.json"
+    )
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="run folder (local or gs://); rerunning with the same one resumes",
+    )
+    p.add_argument(
+        "--preset",
+        default="digits",
+        choices=sorted(PRESETS),
+        help="named config (default: digits); see trainer/config.py",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set hidden=64 (repeatable)",
+    )
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        choices=("auto", "default", "mirrored", "multiworker"),
+        help="auto: multi-worker if TF_CONFIG names >1 task, mirrored if >1 GPU, "
+        "else default (default: auto)",
+    )
+    p.add_argument(
+        "--cpu-replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="split the CPU into N logical devices and mirror over them "
+        "(runs MirroredStrategy here exactly as on N GPUs)",
+    )
+    p.add_argument(
+        "--verbose",
+        type=int,
+        default=2,
+        choices=(0, 1, 2),
+        help="Keras progress: 0 silent, 1 progress bar, 2 one line per epoch (default)",
+    )
+    return p
+
+
+class _Stop:
+    """SIGTERM sets the flag; the checkpoint callback saves and stops at the next step."""
+
+    requested = False
+
+    @classmethod
+    def handler(cls, signum, frame):  # noqa: ARG003
+        cls.requested = True
+
+
+def _callbacks(model, manager, every: int, tb_dir: str | None):
+    import keras
+    import tensorflow as tf
+
+    from trainer import visualize
+
+    class Checkpoints(keras.callbacks.Callback):
+        """Saves every `every` steps, at each epoch end, and on SIGTERM."""
+
+        def _save(self):
+            manager.save(checkpoint_number=int(model.optimizer.iterations.numpy()))
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(model.optimizer.iterations.numpy())
+            if _Stop.requested:
+                self._save()
+                model.stop_training = True
+            elif every and step % every == 0:
+                self._save()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._save()
+
+    callbacks = [Checkpoints()]
+    if tb_dir:
+        writer = tf.summary.create_file_writer(join(tb_dir, "units"))
+
+        class UnitPictures(keras.callbacks.Callback):
+            """After each epoch's validation: the eval rho_hat histogram and the filter grid."""
+
+            def on_epoch_end(self, epoch, logs=None):
+                step = int(model.optimizer.iterations.numpy())
+                grid = visualize.filter_grid(model.w1.numpy(), model.config.input_shape)
+                with writer.as_default(step=step):
+                    tf.summary.histogram("eval_rho_hat", model.unit_rho_hat())
+                    tf.summary.image("filters", grid[None])
+                writer.flush()
+
+        every_n = max(1, every // 10) if every else "epoch"
+        callbacks += [keras.callbacks.TensorBoard(tb_dir, update_freq=every_n), UnitPictures()]
+    return callbacks
+
+
+def _check_config_matches(workdir: str, cfg) -> None:
+    import tensorflow as tf
+
+    path = join(workdir, "config.json")
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        previous = json.load(f)
+    if previous != cfg.to_dict():
+        diff = sorted(k for k in cfg.to_dict() if previous.get(k) != cfg.to_dict()[k])
+        raise UserError(
+            f"{workdir} holds a run with a different config ({', '.join(diff)} differ); "
+            "rerun with the same --preset/--set to resume, or use a new --workdir"
+        )
+
+
+def _write(path: str, data: bytes | str) -> None:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def _fingerprint(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for v in model.trainable_variables:
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Trains (or resumes) and returns the final eval metrics."""
+    args = make_parser().parse_args(argv)
+    from trainer import config as config_lib
+    from trainer import distribute
+
+    cfg = config_lib.apply_overrides(config_lib.preset(args.preset), args.set)
+    # The strategy first: logical CPU devices can only be set before TF touches a device.
+    strategy = distribute.make_strategy(args.strategy, args.cpu_replicas)
+
+    import tensorflow as tf
+
+    from trainer import data, export, visualize
+    from trainer import model as model_lib
+
+    manifest = manifest_lib.load(args.data)
+    data.check_shape(manifest, cfg.input_shape)
+    data.check_readable(manifest)
+    chief = distribute.is_chief()
+    workdir = args.workdir.rstrip("/")
+    # Non-chief workers take part in every collective save but write to scratch space.
+    out_dir = workdir if chief else distribute.worker_temp_dir(workdir)
+    _check_config_matches(workdir, cfg)
+    tf.io.gfile.makedirs(out_dir)
+    if chief:
+        _write(join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
+
+    with strategy.scope():
+        model = model_lib.build_model(cfg)
+        model.optimizer.build(model.trainable_variables)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    manager = tf.train.CheckpointManager(ckpt, join(out_dir, "checkpoints"), max_to_keep=3)
+    latest = tf.train.latest_checkpoint(join(workdir, "checkpoints"))
+    if latest:
+        ckpt.restore(latest).assert_existing_objects_matched()
+    step = int(model.optimizer.iterations.numpy())
+    per_epoch = data.steps_per_epoch(manifest, cfg.global_batch_size, cfg.steps_per_epoch)
+    total = cfg.epochs * per_epoch
+    print(
+        f"train: {manifest.num_examples('train')} train / {manifest.num_examples('eval')} eval "
+        f"examples, {strategy.num_replicas_in_sync} replica(s) "
+        f"({type(strategy).__name__}), global batch {cfg.global_batch_size}, "
+        f"{cfg.epochs} epochs x {per_epoch} steps"
+        + (f"; resuming at step {step} from {latest}" if latest else ""),
+        flush=True,
+    )
+
+    eval_steps = cfg.eval_batches or None
+    eval_ds = data.eval_dataset(manifest, cfg.global_batch_size)
+    callbacks = _callbacks(model, manager, cfg.checkpoint_every_steps, join(out_dir, "tensorboard"))
+    previous = signal.signal(signal.SIGTERM, _Stop.handler)
+    start = time.time()
+    try:
+        # A resumed run first finishes its interrupted epoch, then runs whole epochs.
+        while step < total and not _Stop.requested:
+            epoch, into = divmod(step, per_epoch)
+            stream = data.train_stream(manifest, cfg.global_batch_size, cfg.seed, start_step=step)
+            model.fit(
+                stream,
+                initial_epoch=epoch,
+                epochs=epoch + 1 if into else cfg.epochs,
+                steps_per_epoch=per_epoch - into if into else per_epoch,
+                validation_data=eval_ds,
+                validation_steps=eval_steps,
+                callbacks=callbacks,
+                shuffle=False,  # the stream is already shuffled, reproducibly
+                verbose=args.verbose,
+            )
+            step = int(model.optimizer.iterations.numpy())
+    except tf.errors.InvalidArgumentError as e:
+        if "sparse autoencoder loss" not in e.message:
+            raise
+        raise UserError(
+            f"the loss became NaN/Inf near step {int(model.optimizer.iterations.numpy())}; "
+            f"the last good checkpoint is kept in {join(workdir, 'checkpoints')}; "
+            "lower learning_rate (--set learning_rate=...) and rerun with a new --workdir",
+            exit_code=EXIT_NAN,
+        ) from None
+    except tf.errors.DataLossError as e:
+        raise UserError(
+            f"a shard of {manifest.root} is corrupt ({e.message.splitlines()[0]}); "
+            "rerun `sae preprocess` for this dataset"
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if _Stop.requested:
+        _Stop.requested = False
+        raise UserError(
+            f"stopped by SIGTERM at step {step}; checkpoint saved in "
+            f"{join(workdir, 'checkpoints')}; rerun the same command to resume",
+            exit_code=EXIT_PREEMPTED,
+        )
+
+    # Printed by every worker: equal fingerprints show the workers ended in sync.
+    print(f"train: step {step}, weights fingerprint {_fingerprint(model)}", flush=True)
+    metrics = model_lib.evaluate_metrics(model, eval_ds, steps=eval_steps)
+    metrics.update(step=step, train_seconds=round(time.time() - start, 2))
+    rho_hat = model.unit_rho_hat().numpy()
+    info = {
+        "config": cfg.to_dict(),
+        "image_shape": list(cfg.input_shape),
+        "label_names": manifest.label_names,
+        "data": manifest.root,
+        "step": step,
+    }
+    # Every worker saves (the save may run collectives); only the chief's copy is kept.
+    export.save(model, join(out_dir, "export"), info)
+    if chief:
+        _write(
+            join(workdir, "metrics.json"),
+            json.dumps({**metrics, "rho_hat": rho_hat.round(5).tolist()}, indent=2),
+        )
+        _write(
+            join(workdir, "filters.png"),
+            visualize.png_bytes(visualize.filter_grid(model.w1.numpy(), cfg.input_shape)),
+        )
+        batch = next(iter(data.eval_dataset(manifest, 16)))
+        x = model.normalize(batch).numpy()
+        x_hat = model.reconstruct(batch).numpy()
+        _write(
+            join(workdir, "reconstructions.png"),
+            visualize.png_bytes(visualize.reconstruction_grid(x, x_hat)),
+        )
+        print(
+            "train: eval "
+            + ", ".join(
+                f"{k} {metrics[k]:.4g}"
+                for k in (
+                    "loss",
+                    "reconstruction",
+                    "sparsity",
+                    "mean_rho_hat",
+                    "dead_fraction",
+                    "fraction_variance_explained",
+                )
+            )
+            + f"\ntrain: wrote {join(workdir, 'export')}, metrics.json, filters.png",
+            flush=True,
+        )
+    else:
+        tf.io.gfile.rmtree(out_dir)
+    return metrics
