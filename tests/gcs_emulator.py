@@ -1,0 +1,792 @@
+"""A local Google Cloud Storage emulator for tests (no network, no credentials).
+
+Two halves live in this file:
+
+* the *server* half (``python tests/gcs_emulator.py serve ...``), run as a child
+  process. It runs the ``gcp-storage-emulator`` package's own HTTP server
+  (``gcp_storage_emulator.server.create_server``, the code path behind
+  ``python -m gcp_storage_emulator start --in-memory``) with three additions:
+
+  1. GCS request preconditions (``ifGenerationMatch``, ``ifGenerationNotMatch``,
+     ``ifMetagenerationMatch``, ``ifMetagenerationNotMatch`` and the
+     ``ifSource*`` variants of copy/rewrite). The package ignores them, so an
+     "only if absent" create (``if_generation_match=0``) silently overwrote.
+     The emulator serves one request at a time, so check-then-write is atomic,
+     as on real GCS.
+  2. An HTTPS proxy for TensorFlow. TensorFlow's built-in ``gs://`` filesystem
+     has its endpoints compiled in (``https://www.googleapis.com/storage/v1/``,
+     ``https://www.googleapis.com/upload/storage/v1/``,
+     ``https://storage.googleapis.com/<bucket>/<object>``) and honours no
+     emulator variable. Its libcurl does honour ``https_proxy`` and
+     ``CURL_CA_BUNDLE``, so the proxy accepts ``CONNECT`` for those two hosts
+     only, terminates TLS with a certificate from a throw-away CA and forwards
+     the plain HTTP requests to the emulator. Any other ``CONNECT`` is refused,
+     so nothing that honours ``https_proxy`` can reach the internet.
+  3. Two fidelity fixes: zero-byte ``uploadType=media`` uploads (TensorFlow's
+     directory markers) crashed the emulator, and media downloads now carry
+     ``x-goog-generation``/``x-goog-metageneration`` like GCS (without them
+     google-cloud-storage resets ``blob.generation`` to None after a download).
+
+* the *client* half (:class:`GcsEmulator`), used by ``tests/conftest.py``:
+  it starts the child, waits until it answers, creates buckets and returns the
+  environment variables that point every client (google-cloud-storage, Beam's
+  gcsio, ``tf.io.gfile``) at the emulator, in this process and in children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import http.client
+import http.server
+import json
+import logging
+import os
+import select
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from http import HTTPStatus
+from pathlib import Path
+
+HOST = "127.0.0.1"
+DEFAULT_BUCKET = "sae-test-bucket"
+DEFAULT_PROJECT = "sae-test-project"
+# The bearer token every client sends; the emulator ignores it.
+FAKE_TOKEN = "gcs-emulator-fake-token"
+# Hosts TensorFlow's GCS filesystem talks to; the only CONNECT targets the proxy accepts.
+INTERCEPTED_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
+# Metadata-server address for every client: a closed local port, so a stray
+# metadata lookup fails at once instead of reaching 169.254.169.254.
+DEAD_METADATA_HOST = f"{HOST}:9"
+START_TIMEOUT_S = 20.0
+_READY = "GCS-EMULATOR-READY "
+
+log = logging.getLogger("gcs_emulator")
+
+
+# --------------------------------------------------------------------------- #
+# Server half: preconditions                                                  #
+# --------------------------------------------------------------------------- #
+
+_PRECONDITION_KEYS = (
+    "ifGenerationMatch",
+    "ifGenerationNotMatch",
+    "ifMetagenerationMatch",
+    "ifMetagenerationNotMatch",
+    "ifSourceGenerationMatch",
+    "ifSourceGenerationNotMatch",
+    "ifSourceMetagenerationMatch",
+    "ifSourceMetagenerationNotMatch",
+)
+
+
+def _query_int(query: Mapping[str, list[str]], key: str) -> int | None:
+    values = query.get(key)
+    return int(values[0]) if values else None
+
+
+def _violated(query, prefix: str, generation: int | None, metageneration: int | None):
+    """Returns the first precondition of ``if{prefix}...`` that does not hold, or None.
+
+    A missing object has generation 0 (so ``ifGenerationMatch=0`` means "must not
+    exist" and ``ifGenerationNotMatch=0`` means "must exist"), as on GCS.
+    """
+    gen = generation or 0
+    match = _query_int(query, f"if{prefix}GenerationMatch")
+    if match is not None and gen != match:
+        return f"if{prefix}GenerationMatch"
+    not_match = _query_int(query, f"if{prefix}GenerationNotMatch")
+    if not_match is not None and gen == not_match:
+        return f"if{prefix}GenerationNotMatch"
+    meta_match = _query_int(query, f"if{prefix}MetagenerationMatch")
+    if meta_match is not None and metageneration != meta_match:
+        return f"if{prefix}MetagenerationMatch"
+    meta_not_match = _query_int(query, f"if{prefix}MetagenerationNotMatch")
+    if meta_not_match is not None and metageneration == meta_not_match:
+        return f"if{prefix}MetagenerationNotMatch"
+    return None
+
+
+def _generations(storage, bucket: str, name: str) -> tuple[int | None, int | None]:
+    obj = storage.objects.get(bucket, {}).get(name)
+    if obj is None:
+        return None, None
+    return int(obj["generation"]), int(obj.get("metageneration") or 1)
+
+
+def _target_of_path(request, storage):
+    return request.params["bucket_name"], request.params["object_id"]
+
+
+def _target_of_copy_dest(request, storage):
+    return request.params["dest_bucket_name"], request.params["dest_object_id"]
+
+
+def _target_of_upload(request, storage):
+    """The object an upload (media, multipart, resumable start or chunk) writes."""
+    bucket = request.params["bucket_name"]
+    upload_id = request.query.get("upload_id")
+    if upload_id:
+        try:
+            return bucket, storage.get_resumable_file_obj(upload_id[0])["name"]
+        except Exception:  # unknown session: let the handler answer
+            return None
+    if "name" in request.query:
+        return bucket, request.query["name"][0]
+    data = request.data
+    if isinstance(data, dict):
+        meta = data["meta"] if "meta" in data and "content" in data else data
+        if isinstance(meta, dict) and meta.get("name"):
+            return bucket, meta["name"]
+    return None
+
+
+def _guarded(handler, targets):
+    """Wraps an emulator handler so it answers 412 (or 304) when a precondition fails."""
+
+    @functools.wraps(handler)
+    def wrapped(request, response, storage, *args, **kwargs):
+        if any(key in request.query for key in _PRECONDITION_KEYS):
+            for resolve, prefix, may_be_absent in targets:
+                target = resolve(request, storage)
+                if target is None:
+                    continue
+                generation, metageneration = _generations(storage, *target)
+                if generation is None and not may_be_absent:
+                    continue  # reading/changing a missing object: the handler says 404
+                failed = _violated(request.query, prefix, generation, metageneration)
+                if failed is None:
+                    continue
+                if request.method == "GET" and failed.endswith("NotMatch"):
+                    response.status = HTTPStatus.NOT_MODIFIED
+                    return None
+                message = "At least one of the pre-conditions you specified did not hold."
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                response.json(
+                    {
+                        "error": {
+                            "code": 412,
+                            "message": message,
+                            "errors": [
+                                {
+                                    "domain": "global",
+                                    "reason": "conditionNotMet",
+                                    "message": message,
+                                    "locationType": "header",
+                                    "location": failed,
+                                }
+                            ],
+                        }
+                    }
+                )
+                return None
+        return handler(request, response, storage, *args, **kwargs)
+
+    return wrapped
+
+
+def _accept_empty_media_upload(handler):
+    """The emulator crashes on a zero-byte ``uploadType=media`` body (it reads it as
+    None); TensorFlow creates directory markers exactly that way."""
+
+    @functools.wraps(handler)
+    def wrapped(request, response, storage, *args, **kwargs):
+        if request.query.get("uploadType") == ["media"] and request.data is None:
+            request._data = b""
+        return handler(request, response, storage, *args, **kwargs)
+
+    return wrapped
+
+
+def _with_object_headers(handler):
+    """Media downloads from GCS carry the object's generation and friends as headers;
+    the emulator omits them and google-cloud-storage then *clears* ``blob.generation``
+    after ``download_as_bytes()``, which turns a later ``if_generation_match=
+    blob.generation`` into an unconditional write."""
+
+    @functools.wraps(handler)
+    def wrapped(request, response, storage, *args, **kwargs):
+        result = handler(request, response, storage, *args, **kwargs)
+        if response.status in (200, 206):
+            bucket, name = request.params["bucket_name"], request.params["object_id"]
+            obj = storage.objects.get(bucket, {}).get(name)
+            if obj is not None:
+                response["X-Goog-Generation"] = str(obj["generation"])
+                response["X-Goog-Metageneration"] = str(obj.get("metageneration") or 1)
+                response["X-Goog-Stored-Content-Length"] = str(obj.get("size"))
+                response["X-Goog-Storage-Class"] = obj.get("storageClass") or "STANDARD"
+                if obj.get("etag"):
+                    response["ETag"] = obj["etag"]
+        return result
+
+    return wrapped
+
+
+def install_precondition_support() -> None:
+    """Adds GCS preconditions to the gcp-storage-emulator handlers (server process only),
+    plus two fidelity fixes (empty media uploads, generation headers on downloads).
+
+    Not covered: preconditions inside batch requests (the emulator's batch parser
+    drops query strings) and XML-API ``x-goog-if-generation-match`` headers.
+    """
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    # (object resolver, "" or "Source", whether a missing object is generation 0)
+    existing = [(_target_of_path, "", False)]
+    upload = [(_target_of_upload, "", True)]
+    copy = [(_target_of_copy_dest, "", True), (_target_of_path, "Source", False)]
+    plan = {
+        "insert": upload,
+        "upload_partial": upload,
+        "copy": copy,
+        "rewrite": copy,
+        "compose": [(_target_of_path, "", True)],
+        "delete": existing,
+        "patch": existing,
+        "get": existing,
+        "download": existing,
+    }
+    replacements = {}
+    for name, targets in plan.items():
+        original = getattr(objects, name)
+        wrapped = _guarded(original, targets)
+        if name == "insert":
+            wrapped = _accept_empty_media_upload(wrapped)
+        if name == "download":
+            wrapped = _with_object_headers(wrapped)
+        replacements[original] = wrapped
+        # Module attribute too: the router's upload fallback looks up objects.insert.
+        setattr(objects, name, wrapped)
+    server.HANDLERS = tuple(
+        (regex, {method: replacements.get(fn, fn) for method, fn in methods.items()})
+        for regex, methods in server.HANDLERS
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Server half: the HTTPS proxy that TensorFlow's libcurl uses                  #
+# --------------------------------------------------------------------------- #
+
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "content-length",
+}
+
+
+class _ForwardHandler(http.server.BaseHTTPRequestHandler):
+    """Serves HTTP requests arriving inside a terminated TLS tunnel by forwarding
+    them to the emulator. HTTP/1.1 so keep-alive and ``Expect: 100-continue`` work."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def __init__(self, *args, tunnel_host: str, emulator: tuple[str, int], **kwargs):
+        self.tunnel_host = tunnel_host
+        self.emulator = emulator
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, format, *args):  # noqa: A002 - signature from the base class
+        log.info("tls %s %s", self.tunnel_host, format % args)
+
+    def _read_body(self) -> bytes | None:
+        # Chunked wins over Content-Length (RFC 9112 6.3). TensorFlow's uploads send
+        # both: its own "Content-Length" header and curl's chunked encoding.
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        length = self.headers.get("Content-Length")
+        if length is not None:
+            return self.rfile.read(int(length))
+        return None
+
+    def _forward(self):
+        body = self._read_body()
+        log.debug("forward %s %s %s", self.command, self.path, dict(self.headers.items()))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["Host"] = self.tunnel_host
+        if body is not None or self.command in ("POST", "PUT", "PATCH"):
+            headers["Content-Length"] = str(len(body or b""))
+        conn = http.client.HTTPConnection(*self.emulator, timeout=120)
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+            status, reason, resp_headers = resp.status, resp.reason, resp.getheaders()
+        except (OSError, http.client.HTTPException) as err:
+            # The emulator dropped the connection (a handler crashed): answer
+            # instead of leaving the client with an empty reply.
+            log.error("emulator failed on %s %s: %r", self.command, self.path, err)
+            message = f"gcs_emulator: the emulator failed on this request ({err!r})"
+            payload = json.dumps({"error": {"code": 502, "message": message}}).encode()
+            status, reason = 502, "Bad Gateway"
+            resp_headers = [("Content-Type", "application/json")]
+        finally:
+            conn.close()
+        self.send_response(status, reason)
+        for key, value in resp_headers:
+            if key.lower() in _HOP_BY_HOP:
+                continue
+            if key.lower() == "location":
+                # The emulator builds resumable-session URLs from the Host header
+                # with an http scheme; the client must come back through TLS.
+                value = value.replace(f"http://{self.tunnel_host}", f"https://{self.tunnel_host}")
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format, *args):  # noqa: A002 - signature from the base class
+        log.info("proxy %s", format % args)
+
+    def do_CONNECT(self):
+        host, _, port = self.path.rpartition(":")
+        if host not in INTERCEPTED_HOSTS or port != "443":
+            log.warning("refused CONNECT %s (only %s are emulated)", self.path, INTERCEPTED_HOSTS)
+            self.send_error(403, f"gcs_emulator proxy: no network access to {self.path}")
+            self.close_connection = True
+            return
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            tls = self.server.tls_context.wrap_socket(self.connection, server_side=True)
+        except (ssl.SSLError, OSError) as err:
+            log.warning("TLS handshake for %s failed: %s", host, err)
+            return
+        try:
+            _ForwardHandler(
+                tls, self.client_address, self.server, tunnel_host=host,
+                emulator=self.server.emulator,
+            )
+        except (ssl.SSLError, OSError) as err:
+            log.info("tunnel to %s closed: %s", host, err)
+        finally:
+            tls.close()
+
+    def _refuse(self):
+        log.warning("refused plain proxy request %s %s", self.command, self.path)
+        self.send_error(403, "gcs_emulator proxy: only CONNECT to Google storage hosts")
+        self.close_connection = True
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _refuse
+
+
+class _ProxyServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, tls_context: ssl.SSLContext, emulator: tuple[str, int]):
+        self.tls_context = tls_context
+        self.emulator = emulator
+        super().__init__(address, _ProxyHandler)
+
+
+def _serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="gcs_emulator.py serve")
+    parser.add_argument("--host", default=HOST)
+    parser.add_argument("--cert", required=True, help="PEM: server certificate chain")
+    parser.add_argument("--key", required=True, help="PEM: server private key")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    # "[RESPONSE] Content handled as string" on every batch response: noise.
+    logging.getLogger("gcp_storage_emulator.server").setLevel(
+        logging.INFO if args.verbose else logging.ERROR
+    )
+
+    from gcp_storage_emulator.server import create_server
+
+    install_precondition_support()
+    # Same as `python -m gcp_storage_emulator start --in-memory`, on a free port.
+    emulator = create_server(args.host, 0, in_memory=True)
+    emulator.start()
+    try:
+        emulator_port = emulator._api._httpd.server_address[1]
+    except AttributeError as err:  # the package changed its internals
+        raise SystemExit(f"cannot find the emulator's port: {err}") from err
+
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(args.cert, args.key)
+    proxy = _ProxyServer((args.host, 0), tls, (args.host, emulator_port))
+    threading.Thread(target=proxy.serve_forever, name="proxy", daemon=True).start()
+
+    ready = {"emulator_port": emulator_port, "proxy_port": proxy.server_address[1]}
+    sys.stdout.write(_READY + json.dumps(ready) + "\n")
+    sys.stdout.flush()
+    # Live as long as the parent: it holds our stdin open and never writes to it.
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.stdin.buffer.read()
+    proxy.shutdown()
+    emulator.stop()
+    return 0
+
+
+# --------------------------------------------------------------------------- #
+# Client half                                                                 #
+# --------------------------------------------------------------------------- #
+
+
+class EmulatorStartError(RuntimeError):
+    pass
+
+
+def write_tls_material(directory: Path) -> tuple[Path, Path, Path]:
+    """Writes a throw-away CA and a server certificate for INTERCEPTED_HOSTS.
+
+    Returns (ca_pem, server_chain_pem, server_key_pem).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sae-pipeline test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, INTERCEPTED_HOSTS[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(h) for h in INTERCEPTED_HOSTS]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    pem = serialization.Encoding.PEM
+    ca_path, chain_path, key_path = (
+        directory / "ca.pem", directory / "server-chain.pem", directory / "server-key.pem"
+    )
+    ca_path.write_bytes(ca_cert.public_bytes(pem))
+    chain_path.write_bytes(cert.public_bytes(pem) + ca_cert.public_bytes(pem))
+    key_path.write_bytes(
+        key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    return ca_path, chain_path, key_path
+
+
+class GcsEmulator:
+    """Handle on a running emulator child process (see the module docstring)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        project: str = DEFAULT_PROJECT,
+        verbose: bool = False,
+        python: str = sys.executable,
+    ):
+        self.workdir = Path(workdir)
+        self.project = project
+        self.verbose = verbose  # log every request to emulator.log
+        self.python = python  # interpreter for the child (tests override it)
+        self.process: subprocess.Popen | None = None
+        self.emulator_port: int | None = None
+        self.proxy_port: int | None = None
+        self.log_path = self.workdir / "emulator.log"
+        self._log_file = None
+        self._client = None
+        self._timeout = START_TIMEOUT_S
+
+    # -- lifecycle ---------------------------------------------------------- #
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> GcsEmulator:
+        """Starts the child and waits until both the emulator and the proxy answer."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ca_path, chain, key = write_tls_material(self.workdir)
+        self._write_credentials()
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [
+            self.python, str(Path(__file__).resolve()), "serve",
+            "--host", HOST, "--cert", str(chain), "--key", str(key),
+        ] + (["--verbose"] if self.verbose else [])
+        # The child must not inherit proxy settings pointing at itself.
+        env = {
+            k: v for k, v in os.environ.items()
+            if k.lower() not in ("https_proxy", "http_proxy", "all_proxy")
+        }
+        self.process = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_file,
+            env=env, cwd=self.workdir,
+        )
+        self._timeout = timeout
+        deadline = time.monotonic() + timeout
+        try:
+            ready = self._read_ready_line(deadline)
+            self.emulator_port, self.proxy_port = ready["emulator_port"], ready["proxy_port"]
+            self._wait_until_answering(deadline)
+        except BaseException:
+            self.stop(graceful=False)
+            raise
+        return self
+
+    def _read_ready_line(self, deadline: float) -> dict:
+        assert self.process is not None and self.process.stdout is not None
+        buffered = b""
+        fd = self.process.stdout.fileno()
+        while b"\n" not in buffered:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._fail("did not report readiness")
+            readable, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+            if readable:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    self._fail(f"exited with code {self.process.wait(timeout=5)}")
+                buffered += chunk
+            elif self.process.poll() is not None:
+                self._fail(f"exited with code {self.process.returncode}")
+        line = buffered.split(b"\n", 1)[0].decode("utf-8", "replace")
+        if not line.startswith(_READY):
+            self._fail(f"printed an unexpected line: {line!r}")
+        return json.loads(line[len(_READY):])
+
+    def _wait_until_answering(self, deadline: float) -> None:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with opener.open(f"{self.endpoint}/", timeout=2) as resp:
+                    if resp.read() == b"OK":
+                        with socket.create_connection((HOST, self.proxy_port), timeout=2):
+                            return
+            except OSError as err:
+                last_error = err
+            time.sleep(0.1)
+        self._fail(f"did not answer on {self.endpoint}/ ({last_error})")
+
+    def _fail(self, what: str):
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise EmulatorStartError(
+            f"GCS emulator (gcp-storage-emulator, started by {__file__}) {what} "
+            f"(timeout {self._timeout:g} s). Is the test extra installed "
+            f"(pip install -e '.[test]')?\n--- {self.log_path} (tail) ---\n{tail}"
+        )
+
+    def stop(self, graceful: bool = True) -> None:
+        """Stops the child: closes its stdin (it exits on EOF), then terminates, then kills."""
+        proc, self.process = self.process, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                if proc.stdin:
+                    proc.stdin.close()
+            try:
+                proc.wait(timeout=3 if graceful else 0.01)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=3)
+            if proc.stdout:
+                proc.stdout.close()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> GcsEmulator:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- configuration ------------------------------------------------------ #
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.emulator_port}"
+
+    def _write_credentials(self) -> None:
+        # Application Default Credentials that google.auth.default() accepts
+        # without any network call: an authorized_user whose access token is
+        # already present and valid for centuries. It is never refreshed.
+        self.gcloud_dir = self.workdir / "gcloud"
+        self.gcloud_dir.mkdir(exist_ok=True)
+        self.credentials_path = self.workdir / "adc.json"
+        self.credentials_path.write_text(
+            json.dumps(
+                {
+                    "type": "authorized_user",
+                    "client_id": "gcs-emulator.apps.invalid",
+                    "client_secret": "unused",
+                    "refresh_token": "unused",
+                    "token": FAKE_TOKEN,
+                    "expiry": "2999-01-01T00:00:00Z",
+                }
+            )
+        )
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point every client at this emulator."""
+        if self.emulator_port is None:
+            raise RuntimeError("emulator not started")
+        no_proxy = ",".join(
+            filter(None, [os.environ.get("no_proxy") or os.environ.get("NO_PROXY"), HOST,
+                          "localhost"])
+        )
+        proxy = f"http://{HOST}:{self.proxy_port}"
+        return {
+            # google-cloud-storage (and so Beam's gcsio): endpoint; anonymous
+            # credentials when none are passed in.
+            "STORAGE_EMULATOR_HOST": self.endpoint,
+            "GOOGLE_CLOUD_PROJECT": self.project,
+            # google.auth.default() (Beam's auth module calls it, with retries
+            # and back-off when it fails): a valid, never-refreshed token.
+            "GOOGLE_APPLICATION_CREDENTIALS": str(self.credentials_path),
+            "CLOUDSDK_CONFIG": str(self.gcloud_dir),
+            # Never probe the GCE metadata server (google-auth, TensorFlow).
+            "NO_GCE_CHECK": "true",
+            "GCE_METADATA_HOST": DEAD_METADATA_HOST,
+            "GCE_METADATA_IP": DEAD_METADATA_HOST,
+            # TensorFlow's GCS filesystem: fixed token, HTTPS via our proxy.
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": FAKE_TOKEN,
+            "https_proxy": proxy,
+            "HTTPS_PROXY": proxy,
+            "no_proxy": no_proxy,
+            "NO_PROXY": no_proxy,
+            "CURL_CA_BUNDLE": str(self.ca_path),
+            # Fail fast instead of TensorFlow's default 10 retries up to 32 s apart.
+            "GCS_RETRY_CONFIG_MAX_RETRIES": "2",
+            "GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "100000",
+            "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "1000000",
+        }
+
+    # -- storage helpers ---------------------------------------------------- #
+
+    def client(self):
+        """A google-cloud-storage client bound to this emulator (independent of env)."""
+        if self._client is None:
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+
+            self._client = storage.Client(
+                project=self.project,
+                credentials=AnonymousCredentials(),
+                client_options={"api_endpoint": self.endpoint},
+            )
+        return self._client
+
+    def create_bucket(self, name: str) -> str:
+        """Creates ``name`` (idempotent) with soft delete off, so deletes free memory."""
+        from google.api_core.exceptions import Conflict
+
+        client = self.client()
+        try:
+            bucket = client.create_bucket(name)
+        except Conflict:
+            bucket = client.get_bucket(name)
+        bucket.soft_delete_policy.retention_duration_seconds = 0
+        bucket.patch()
+        return name
+
+    def wipe(self, keep_buckets: bool = True) -> None:
+        """Deletes every object (and, unless keep_buckets, every bucket)."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        query = "?keep-buckets=1" if keep_buckets else ""
+        with opener.open(f"{self.endpoint}/wipe{query}", timeout=10) as resp:
+            resp.read()
+
+    def delete_prefix(self, bucket: str, prefix: str) -> int:
+        """Deletes every object under ``prefix`` in ``bucket``; returns how many."""
+        client = self.client()
+        names = [b.name for b in client.list_blobs(bucket, prefix=prefix)]
+        b = client.bucket(bucket)
+        for name in names:
+            with contextlib.suppress(Exception):
+                b.delete_blob(name)
+        return len(names)
+
+
+@contextlib.contextmanager
+def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Sets ``values`` in os.environ (inherited by child processes), restores on exit."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] != "serve":
+        sys.exit(f"usage: {sys.argv[0]} serve --cert PEM --key PEM [--host H] [-v]")
+    sys.exit(_serve(sys.argv[2:]))
