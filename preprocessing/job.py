@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import logging
-import math
 import os
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -31,7 +31,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import images, records, sources
+from preprocessing import images, records, sharding, sources
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import KIND, MANIFEST_NAME, join
 
@@ -39,9 +39,6 @@ SPLITS = ("train", "eval")
 FAILED_NAME = "_FAILED.json"
 ERRORS_FILE = "errors/errors-00000-of-00001.jsonl"
 EXIT_TOO_MANY_ERRORS = 3
-# Enough data for >= 10 shards (TensorFlow's guidance for parallel reads and FILE
-# auto-sharding) means at least this many examples per shard.
-MIN_EXAMPLES_PER_SHARD = 1000
 
 
 # ----------------------------------------------------------------------------
@@ -137,7 +134,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--num-shards",
         type=_positive,
         help="shards per split (default: from --target-shard-mb, with at least "
-        f"10 per split when each gets >= {MIN_EXAMPLES_PER_SHARD} examples)",
+        f"10 per split when each gets >= {sharding.MIN_ELEMENTS_PER_SHARD} examples)",
     )
     p.add_argument(
         "--target-shard-mb",
@@ -177,11 +174,6 @@ def split_of(key: str, eval_fraction: float) -> str:
     """'eval' or 'train' from a stable hash of the key (same on every run and runner)."""
     h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
     return "eval" if h / 2.0**64 < eval_fraction else "train"
-
-
-def shard_of(key: str, num_shards: int) -> int:
-    h = int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "little")
-    return h % num_shards
 
 
 def _to_pil(pixels: np.ndarray):
@@ -285,62 +277,19 @@ class PixelStats(beam.CombineFn):
         }
 
 
-def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
-    """(count, bytes) pairs -> their element-wise sum."""
-    n = b = 0
-    for count, nbytes in pairs:
-        n, b = n + count, b + nbytes
-    return n, b
+def write_tfrecord_shard(
+    out: str, split: str, index: int, total: int, recs: list, compression: str
+) -> dict:
+    """A ShardWriter: sorted [(key, serialized Example)] -> one TFRecord shard."""
+    suffix = ".tfrecord.gz" if compression == "gzip" else ".tfrecord"
+    path = sharding.shard_path(out, split, index, total, suffix)
+    frames = (records.tfrecord_frame(r) for _, r in recs)
+    sharding.write_atomically(path, frames, gzip=compression == "gzip")
+    name = path.rsplit("/", 1)[1]
+    return {"group": split, "index": index, "path": name, "num_examples": len(recs)}
 
 
-def num_shards_for(count: int, nbytes: int, opts: dict) -> int:
-    if opts["num_shards"]:
-        return opts["num_shards"]
-    by_size = math.ceil(nbytes / (opts["target_shard_mb"] * 1e6))
-    return max(1, by_size, min(10, count // MIN_EXAMPLES_PER_SHARD))
-
-
-def shard_name(split: str, index: int, total: int, compression: str) -> str:
-    ext = ".gz" if compression == "gzip" else ""
-    return f"{split}-{index:05d}-of-{total:05d}.tfrecord{ext}"
-
-
-def _write_atomically(path: str, chunks: Iterable[bytes], gzip: bool = False) -> None:
-    """Writes to a temporary name, then renames: a reader never sees a partial file."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    ctype = CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED
-    with FileSystems.create(tmp, compression_type=ctype) as f:
-        for chunk in chunks:
-            f.write(chunk)
-    if FileSystems.exists(path):  # a retried bundle wrote it before: same content
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
-
-
-class WriteShard(beam.DoFn):
-    """((split, shard), [(key, example)]) -> shard file, sorted by key for determinism."""
-
-    def __init__(self, out: str, compression: str):
-        self.out = out
-        self.compression = compression
-
-    def process(self, element, num_shards: dict):
-        (split, shard), recs = element
-        recs = sorted(recs)
-        name = shard_name(split, shard, num_shards[split], self.compression)
-        frames = (records.tfrecord_frame(r) for _, r in recs)
-        _write_atomically(join(self.out, name), frames, gzip=self.compression == "gzip")
-        yield {"split": split, "path": name, "num_examples": len(recs)}
-
-
-def _write_errors(element, out: str):
-    _, errors = element
-    lines = sorted(json.dumps(e, sort_keys=True) for e in errors)
-    _write_atomically(join(out, ERRORS_FILE), (ln.encode() + b"\n" for ln in lines))
-    yield len(lines)
-
-
-def _package_version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -350,47 +299,24 @@ def _package_version() -> str:
 
 
 class Finalize(beam.DoFn):
-    """Runs once after every shard and the error report are written.
+    """Runs once, after every shard and the error report are written.
 
-    Fills in empty shards, checks the accounting, then writes manifest.json last
-    (or _FAILED.json when too many inputs were rejected).
+    Checks the accounting, then writes manifest.json last (or _FAILED.json when too
+    many inputs were rejected).
     """
 
     def __init__(self, out: str, shape, opts: dict, source: str):
         self.out, self.shape, self.opts, self.source = out, shape, opts, source
 
-    def process(
-        self,
-        _,
-        shards,
-        counts,
-        num_shards,
-        stats,
-        label_names,
-        num_inputs,
-        num_accepted,
-        num_errors,
-    ):
-        by_split = {s: {} for s in SPLITS}
-        for sh in shards:
-            by_split[sh["split"]][sh["path"]] = sh["num_examples"]
+    def process(self, _, shards, counts, stats, label_names, num_inputs, num_accepted, num_errors):
         splits = {}
         for split in SPLITS:
-            n = num_shards.get(split, 0)
-            for i in range(n):  # shards that no key hashed to still exist, empty
-                name = shard_name(split, i, n, self.opts["compression"])
-                if name not in by_split[split]:
-                    _write_atomically(join(self.out, name), [], self.opts["compression"] == "gzip")
-                    by_split[split][name] = 0
-            shard_list = [
-                {"path": p, "num_examples": c} for p, c in sorted(by_split[split].items())
-            ]
+            mine = sorted((s for s in shards if s["group"] == split), key=lambda s: s["index"])
+            shard_list = [{"path": s["path"], "num_examples": s["num_examples"]} for s in mine]
             total = sum(s["num_examples"] for s in shard_list)
             if total != counts.get(split, (0, 0))[0]:
                 raise RuntimeError(f"{split}: wrote {total} examples, expected {counts[split][0]}")
             splits[split] = {"num_examples": total, "shards": shard_list}
-        if num_errors == 0:
-            _write_atomically(join(self.out, ERRORS_FILE), [])
         if num_accepted + num_errors != num_inputs:
             raise RuntimeError(
                 f"accounting bug: {num_inputs} inputs != "
@@ -407,7 +333,9 @@ class Finalize(beam.DoFn):
             failed = dict(
                 summary, error_fraction=fraction, max_error_fraction=self.opts["max_error_fraction"]
             )
-            _write_atomically(join(self.out, FAILED_NAME), [json.dumps(failed, indent=2).encode()])
+            sharding.write_atomically(
+                join(self.out, FAILED_NAME), [json.dumps(failed, indent=2).encode()]
+            )
             return
         manifest = {
             "format_version": records.FORMAT_VERSION,
@@ -422,9 +350,11 @@ class Finalize(beam.DoFn):
             "source": self.source,
             "options": self.opts,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "package_version": _package_version(),
+            "package_version": package_version(),
         }
-        _write_atomically(join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()])
+        sharding.write_atomically(
+            join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()]
+        )
         yield manifest
 
 
@@ -438,15 +368,18 @@ def _sorted_labels(labels: list[str]) -> list[str]:
     return sorted(labels)
 
 
-def build(
-    p: beam.Pipeline,
-    source: sources.Source,
-    out: str,
-    shape,
-    opts: dict,
-    declared_labels: list[str] | None,
-    src_text: str,
-) -> None:
+class Decoded(NamedTuple):
+    items: beam.PCollection  # every input (sources.Item)
+    labels: beam.PCollection  # singleton: the label names, in index order
+    examples: beam.PCollection  # (split, key, serialized Example, pixels uint8 [H, W, C])
+    errors: beam.PCollection  # {"uri", "reason"} per rejected input
+    accepted: beam.PCollection  # one element per input that produced examples
+
+
+def read_and_decode(
+    p: beam.Pipeline, source: sources.Source, shape, opts: dict, declared_labels: list[str] | None
+) -> Decoded:
+    """The decode path every image source goes through (also used by `sae extract`)."""
     items = p | "ReadSource" >> sources.ReadSource(source)
     if declared_labels is not None:
         labels = p | "DeclaredLabels" >> beam.Create([declared_labels])
@@ -458,42 +391,38 @@ def build(
             | "CollectLabels" >> beam.combiners.ToList()
             | "SortLabels" >> beam.Map(_sorted_labels)
         )
-    labels_si = beam.pvalue.AsSingleton(labels)
-    decoded = items | "Decode" >> beam.ParDo(ToExamples(shape, opts), labels_si).with_outputs(
-        "errors", "accepted", main="examples"
-    )
-    examples = decoded.examples
+    decoded = items | "Decode" >> beam.ParDo(
+        ToExamples(shape, opts), beam.pvalue.AsSingleton(labels)
+    ).with_outputs("errors", "accepted", main="examples")
+    return Decoded(items, labels, decoded.examples, decoded.errors, decoded.accepted)
 
-    counts = (
-        examples
-        | "SizeOf" >> beam.Map(lambda e: (e[0], (1, len(e[2]))))
-        | "CountPerSplit" >> beam.CombinePerKey(_sum_pairs)
-        | "CountsDict" >> beam.combiners.ToDict()
-    )
-    num_shards = counts | "NumShards" >> beam.Map(
-        lambda c: {s: num_shards_for(n, b, opts) for s, (n, b) in c.items()}
-    )
-    num_shards_si = beam.pvalue.AsSingleton(num_shards)
+
+def build(
+    p: beam.Pipeline,
+    source: sources.Source,
+    out: str,
+    shape,
+    opts: dict,
+    declared_labels: list[str] | None,
+    src_text: str,
+) -> None:
+    decoded = read_and_decode(p, source, shape, opts, declared_labels)
+    items = decoded.items
+    labels_si = beam.pvalue.AsSingleton(decoded.labels)
+    examples = decoded.examples
     stats = (
         examples
         | "TrainPixels" >> beam.FlatMap(lambda e: [e[3]] if e[0] == "train" else [])
         | "PixelStats" >> beam.CombineGlobally(PixelStats())
     )
-    shards = (
+    writer = functools.partial(write_tfrecord_shard, compression=opts["compression"])
+    sharded = (
         examples
-        | "AssignShard"
-        >> beam.Map(lambda e, n: ((e[0], shard_of(e[1], n[e[0]])), (e[1], e[2])), num_shards_si)
-        | "GroupShards" >> beam.GroupByKey()
-        | "WriteShards" >> beam.ParDo(WriteShard(out, opts["compression"]), num_shards_si)
+        | "DropPixels" >> beam.Map(lambda e: e[:3])
+        | "WriteShards"
+        >> sharding.WriteShards(out, writer, opts["target_shard_mb"], opts["num_shards"])
     )
-    errors = decoded.errors
-    num_errors = (
-        errors
-        | "ErrorsToOneFile" >> beam.Map(lambda e: (0, e))
-        | "GroupErrors" >> beam.GroupByKey()
-        | "WriteErrors" >> beam.FlatMap(_write_errors, out)
-        | "SumErrors" >> beam.CombineGlobally(sum)
-    )
+    num_errors = decoded.errors | "WriteErrors" >> sharding.WriteErrors(join(out, ERRORS_FILE))
     num_inputs = items | "CountInputs" >> beam.combiners.Count.Globally()
     num_accepted = decoded.accepted | "CountAccepted" >> beam.combiners.Count.Globally()
     si = beam.pvalue.AsSingleton
@@ -503,9 +432,8 @@ def build(
         | "Finalize"
         >> beam.ParDo(
             Finalize(out, shape, opts, src_text),
-            beam.pvalue.AsList(shards),
-            si(counts),
-            num_shards_si,
+            beam.pvalue.AsList(sharded.shards),
+            si(sharded.counts),
             si(stats),
             labels_si,
             si(num_inputs),
