@@ -1,0 +1,377 @@
+"""The Keras model: UFLDL cost, replica invariance, it learns and is sparse, variants.
+
+Replica runs need logical devices or a TF_CONFIG fixed before TensorFlow starts, and
+other test files start TensorFlow first, so they run in subprocesses (`_REPLICA_SCRIPT`)
+that print JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from preprocessing.errors import UserError
+from tests.test_losses import numpy_cost_and_grads
+from trainer import distribute
+from trainer.config import apply_overrides, preset
+from trainer.model import SparseAutoencoder, build_model, evaluate_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs the CASES named in argv[3] (comma-separated) with the default strategy (1 replica) and
+# with argv[1] ("mirrored" over argv[2] logical CPUs, or "multiworker" from TF_CONFIG); prints
+# {case: [one, many]} as JSON.
+# 70 examples at global batch 32: every epoch ends with an uneven batch of 6.
+_REPLICA_SCRIPT = """
+import json, sys
+from trainer.distribute import make_strategy, task
+strategy = make_strategy(sys.argv[1], cpu_replicas=int(sys.argv[2]))
+import numpy as np, tensorflow as tf
+from trainer.config import apply_overrides, preset
+from trainer.model import build_model, evaluate_metrics
+
+CASES = {
+    "base": [],
+    "variants": ["normalization=ufldl_patches", "batch_norm=before", "rho_hat_momentum=0.9",
+                 "l1_activity=0.01", "tied_weights=true", "decoder=linear", "learning_rate=0.02"],
+    "bn_after": ["batch_norm=after"],
+}
+images = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 1), dtype=np.uint8)
+keys = [f"img-{i}" for i in range(70)]
+
+def run(strategy, overrides, as_dict):
+    cfg = apply_overrides(preset("tiny"), ["optimizer=sgd", "learning_rate=0.1", *overrides])
+    with strategy.scope():
+        model = build_model(cfg)
+    data = {"image": images, "key": keys} if as_dict else images
+    ds = tf.data.Dataset.from_tensor_slices(data).batch(cfg.global_batch_size)
+    history = model.fit(ds, epochs=2, verbose=0).history
+    return {
+        "replicas": strategy.num_replicas_in_sync,
+        "history": history,
+        "weights": {w.path: w.numpy().tolist() for w in model.weights},
+        "eval": evaluate_metrics(model, ds),
+        "unit_rho_hat": model.unit_rho_hat().numpy().tolist(),
+    }
+
+out = {}
+for name in sys.argv[3].split(","):
+    as_dict = name == "variants"  # {"image", "key"} batches: uint8 and strings, no float
+    out[name] = [run(tf.distribute.get_strategy(), CASES[name], as_dict),
+                 run(strategy, CASES[name], as_dict)]
+print("RESULT " + json.dumps({"task": task(), "cases": out}))
+"""
+
+
+def _run_script(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    env.pop("TF_CONFIG", None)
+    env.update(env_extra or {})
+    return subprocess.Popen(
+        [sys.executable, "-c", _REPLICA_SCRIPT, *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # e.g. a worker waiting for a peer that died
+        proc.kill()
+        out, err = proc.communicate()
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"replica subprocess failed:\n{err[-4000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _assert_same_run(one: dict, many: dict, replicas: int) -> None:
+    assert (one["replicas"], many["replicas"]) == (1, replicas)
+    for key, values in one["history"].items():
+        np.testing.assert_allclose(many["history"][key], values, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert one["weights"].keys() == many["weights"].keys()
+    for path, w in one["weights"].items():
+        np.testing.assert_allclose(many["weights"][path], w, rtol=1e-5, atol=1e-5, err_msg=path)
+    for key, value in one["eval"].items():
+        np.testing.assert_allclose(many["eval"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(many["unit_rho_hat"], one["unit_rho_hat"], atol=1e-5)
+
+
+def test_one_and_two_mirrored_replicas_train_identically():
+    result = _result(_run_script(["mirrored", "2", "base,variants,bn_after"]))
+    for name, (one, two) in result["cases"].items():
+        assert one["eval"]["eval_examples"] == 70, name
+        _assert_same_run(one, two, replicas=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_train_like_one_replica():
+    cluster = {"worker": [f"localhost:{_free_port()}" for _ in range(2)]}
+    procs = [
+        _run_script(
+            ["multiworker", "0", "variants"],
+            {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+        )
+        for i in range(2)
+    ]
+    results = [_result(p) for p in procs]
+    assert [r["task"] for r in results] == [["worker", 0], ["worker", 1]]
+    for result in results:
+        for one, two in result["cases"].values():
+            _assert_same_run(one, two, replicas=2)
+
+
+def test_strategy_names_and_tasks(monkeypatch):
+    with pytest.raises(UserError, match="unknown strategy 'tpu'.*auto, default, mirrored"):
+        distribute.make_strategy("tpu")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert distribute.make_strategy("default") is tf.distribute.get_strategy()
+    assert distribute.make_strategy("auto").num_replicas_in_sync == 1
+    assert distribute.is_chief() and distribute.worker_temp_dir("gs://b/run") == "gs://b/run"
+
+    def tf_config(kind, index, chief=False):
+        cluster = {"worker": ["w0:1", "w1:1"], **({"chief": ["c:1"]} if chief else {})}
+        monkeypatch.setenv(
+            "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})
+        )
+
+    tf_config("worker", 0)
+    assert distribute.is_chief()
+    tf_config("worker", 1)
+    assert not distribute.is_chief()
+    assert distribute.worker_temp_dir("gs://b/run/") == "gs://b/run/tmp-workers/worker-1"
+    tf_config("worker", 0, chief=True)
+    assert not distribute.is_chief()
+    tf_config("chief", 0, chief=True)
+    assert distribute.is_chief()
+
+
+def test_cpu_replicas_after_tf_started_is_a_clear_error():
+    tf.constant(1.0).numpy()  # TensorFlow has initialized its devices
+    with pytest.raises(RuntimeError, match="before any other TensorFlow operation"):
+        distribute.make_strategy("mirrored", cpu_replicas=3)
+
+
+# -- the model computes the UFLDL cost ---------------------------------------------------
+
+
+def _images(n=10, shape=(4, 4, 1), seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("decoder", ["sigmoid", "linear"])
+def test_model_cost_and_gradients_match_numpy_in_float64(decoder):
+    cfg = apply_overrides(preset("tiny"), ["input_shape=4x4x1", "hidden=5", f"decoder={decoder}"])
+    model = SparseAutoencoder(cfg, dtype="float64")
+    images = _images()
+    with tf.GradientTape() as tape:
+        loss, terms, *_ = model.cost(tf.constant(images), training=True)
+    names = ["w1", "b1", "w2", "b2"]
+    grads = dict(zip(names, tape.gradient(loss, model.trainable_variables), strict=True))
+    params = {k: getattr(model, k).numpy() for k in ("w1", "b1", "w2", "b2")}
+    x = images.reshape(10, -1) / 255.0
+    want, want_grads, _ = numpy_cost_and_grads(
+        x, **params, decoder=decoder, rho=cfg.rho, beta=cfg.beta, lam=cfg.weight_decay
+    )
+    assert loss.dtype == tf.float64
+    np.testing.assert_allclose(loss.numpy(), want, rtol=1e-12)
+    np.testing.assert_allclose(terms.total.numpy(), want, rtol=1e-12)
+    for k, g in want_grads.items():
+        np.testing.assert_allclose(grads[k].numpy(), g, rtol=1e-9, atol=1e-13, err_msg=k)
+
+
+def test_init_follows_ufldl_and_is_seeded():
+    cfg = apply_overrides(preset("tiny"), ["input_shape=28,28,1", "hidden=196"])
+    model = SparseAutoencoder(cfg)
+    r = np.sqrt(6) / np.sqrt(784 + 196 + 1)
+    for w in (model.w1, model.w2):
+        w = w.numpy()
+        assert np.abs(w).max() <= r and np.abs(w).max() > 0.99 * r
+        assert abs(w.mean()) < 0.01 * r
+    assert not np.any(model.b1.numpy()) and not np.any(model.b2.numpy())
+    assert model.w1.shape == (784, 196) and model.w2.shape == (196, 784)
+    again = SparseAutoencoder(cfg)
+    np.testing.assert_array_equal(again.w1.numpy(), model.w1.numpy())
+    other = SparseAutoencoder(apply_overrides(cfg, ["seed=1"]))
+    assert not np.allclose(other.w1.numpy(), model.w1.numpy())
+    assert not np.allclose(model.w2.numpy(), model.w1.numpy().T)
+
+
+# -- it learns and is sparse -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    return np.rint(load_digits().images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+
+
+def test_learns_digits_and_is_sparse(digits):
+    cfg = preset("digits")
+    model = build_model(cfg)
+    train = (
+        tf.data.Dataset.from_tensor_slices(digits)
+        .shuffle(len(digits), seed=0)
+        .repeat()
+        .batch(cfg.global_batch_size)
+    )
+    evaluation = tf.data.Dataset.from_tensor_slices(digits).batch(512)
+    before = evaluate_metrics(model, evaluation)
+    steps = len(digits) // cfg.global_batch_size
+    start = time.perf_counter()
+    model.fit(train, epochs=cfg.epochs, steps_per_epoch=steps, verbose=0)
+    seconds = time.perf_counter() - start
+    after = evaluate_metrics(model, evaluation)
+
+    assert seconds < 40
+    assert after["loss"] < 0.5 * before["loss"]
+    assert after["reconstruction"] < 0.5 * before["reconstruction"]
+    assert abs(after["mean_rho_hat"] - cfg.rho) < 0.3 * cfg.rho
+    assert after["dead_fraction"] <= 0.1 and after["saturated_fraction"] == 0.0
+    assert after["fraction_variance_explained"] > 0.5
+    assert after["eval_examples"] == len(digits)
+    # The per-unit rho_hat is the mean of `encode` over the eval split.
+    rho_hat = model.unit_rho_hat().numpy()
+    np.testing.assert_allclose(rho_hat, model.encode(digits).numpy().mean(axis=0), atol=1e-5)
+    assert rho_hat.shape == (cfg.hidden,)
+    # Per UNIT: most units sit near rho, not only their average.
+    assert np.mean(np.abs(rho_hat - cfg.rho) < 0.5 * cfg.rho) > 0.8
+
+
+def test_eval_statistics_match_numpy(digits):
+    cfg = apply_overrides(preset("digits"), ["rho=0.3"])
+    model = build_model(cfg)
+    got = evaluate_metrics(model, tf.data.Dataset.from_tensor_slices(digits).batch(500))
+    x = digits.reshape(len(digits), -1) / 255.0
+    a = model.encode(digits).numpy().astype(np.float64)
+    x_hat = model.reconstruct(digits).numpy().reshape(len(digits), -1).astype(np.float64)
+    rho_hat = a.mean(axis=0)
+    fve = 1 - np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(axis=0)) ** 2)
+    assert got["mean_rho_hat"] == pytest.approx(rho_hat.mean(), rel=1e-5)
+    assert got["dead_fraction"] == pytest.approx(np.mean(rho_hat < 0.03))
+    assert got["saturated_fraction"] == pytest.approx(np.mean(rho_hat > 0.9))
+    assert got["l0"] == pytest.approx(np.mean(np.sum(a > 0.5, axis=1)), rel=1e-5)
+    assert got["fraction_variance_explained"] == pytest.approx(fve, rel=1e-4)
+    assert got["reconstruction"] == pytest.approx(0.5 * np.sum((x - x_hat) ** 2) / len(x), 1e-4)
+
+
+# -- interface ---------------------------------------------------------------------------
+
+
+def test_encode_and_reconstruct_shapes_and_dtypes():
+    model = SparseAutoencoder(apply_overrides(preset("tiny"), ["input_shape=6,5,3", "hidden=7"]))
+    images = _images(4, (6, 5, 3))
+    a = model.encode(images)
+    assert a.shape == (4, 7) and a.dtype == tf.float32
+    assert np.all((a.numpy() > 0) & (a.numpy() < 1))
+    x_hat = model.reconstruct(images)
+    assert x_hat.shape == (4, 6, 5, 3) and x_hat.dtype == tf.float32
+    np.testing.assert_allclose(model.encode({"image": images, "label": [0] * 4}), a)
+    assert model.normalize(images).shape == (4, 6, 5, 3)
+
+
+def test_save_and_load_give_the_same_features(tmp_path):
+    cfg = apply_overrides(preset("tiny"), ["batch_norm=after", "normalization=ufldl_patches"])
+    model = build_model(cfg)
+    images = _images(64, (8, 8, 1))
+    model.fit(tf.data.Dataset.from_tensor_slices(images).batch(32), epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded, SparseAutoencoder) and loaded.config == cfg
+    np.testing.assert_array_equal(loaded.encode(images), model.encode(images))
+
+
+# -- variants ----------------------------------------------------------------------------
+
+
+def _fit(overrides, images, epochs=1):
+    cfg = apply_overrides(preset("tiny"), ["global_batch_size=64", *overrides])
+    model = build_model(cfg)
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(cfg.global_batch_size)
+    return model, model.fit(ds, epochs=epochs, verbose=0).history
+
+
+def test_tied_weights_train(digits):
+    model, history = _fit(["tied_weights=true", "learning_rate=0.02"], digits[:512], epochs=8)
+    assert model.w2 is None and len(model.trainable_variables) == 3
+    assert history["loss"][-1] < 0.5 * history["loss"][0]
+    # (lambda/2)(||W1||^2 + ||W1^T||^2) = lambda ||W1||^2
+    _, terms, *_ = model.cost(digits[:8])
+    want = model.config.weight_decay * np.sum(model.w1.numpy() ** 2)
+    assert terms.weight_decay.numpy() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_batch_norm_variants_add_no_loss_term(where, digits):
+    model, history = _fit([f"batch_norm={where}"], digits[:256], epochs=2)
+    assert np.all(np.isfinite(history["loss"]))
+    assert model.batch_norm is not None and model.batch_norm.synchronized
+    _, terms, *_ = model.cost(digits[:64])
+    total = terms.reconstruction + terms.weight_decay + terms.sparsity
+    assert terms.total.numpy() == pytest.approx(total.numpy(), rel=1e-6)
+    assert terms.l1.numpy() == 0.0
+    # BatchNormalization's gamma/beta are not kernels: no weight decay on them.
+    assert len(model.kernels()) == 2
+
+
+def test_l1_variant_adds_its_term_per_example(digits):
+    model, history = _fit(["l1_activity=0.05"], digits[:256], epochs=2)
+    assert "l1_activity" in history
+    images = digits[:64]
+    _, terms, *_ = model.cost(images)
+    a = model.encode(images).numpy()
+    want_l1 = 0.05 * np.sum(np.abs(a)) / len(images)  # per example, not per batch
+    assert terms.l1.numpy() == pytest.approx(want_l1, rel=1e-5)
+    total = terms.reconstruction + terms.weight_decay + terms.sparsity + terms.l1
+    assert terms.total.numpy() == pytest.approx(total.numpy(), rel=1e-6)
+
+
+def test_rho_hat_momentum_first_step_is_exact(digits):
+    images = digits[:64]
+    plain, _ = _fit(["optimizer=sgd"], images)
+    smooth, _ = _fit(["optimizer=sgd", "rho_hat_momentum=0.9"], images)
+    # Bias-corrected: on the first step the moving average is the batch's rho_hat itself.
+    np.testing.assert_allclose(smooth.w1.numpy(), plain.w1.numpy(), atol=1e-6)
+    assert smooth.rho_hat_steps.numpy() == 1
+    initial = SparseAutoencoder(smooth.config)
+    np.testing.assert_allclose(
+        smooth.rho_hat_ema.numpy() / (1 - 0.9),
+        initial.encode(images).numpy().mean(axis=0),
+        atol=1e-6,
+    )
+
+
+def test_ufldl_normalization_learns_the_whole_set_std(digits):
+    images = digits[:256]
+    model, _ = _fit(["normalization=ufldl_patches"], images)
+    p = images.reshape(len(images), -1) / 255.0
+    p = p - p.mean(axis=1, keepdims=True)
+    std = np.sqrt(model.pixel_sq_sum.numpy() / model.pixel_count.numpy())
+    assert std == pytest.approx(np.sqrt(np.mean(p**2)), rel=1e-6)
+    x = model.normalize(images).numpy().reshape(len(images), -1)
+    want = (np.clip(p, -3 * std, 3 * std) / (3 * std) + 1) * 0.4 + 0.1
+    np.testing.assert_allclose(x, want, atol=1e-6)
+    # Inference does not depend on the batch: one image normalizes as it does in a batch.
+    np.testing.assert_allclose(model.normalize(images[:1]).numpy().ravel(), x[0], atol=1e-7)
+
+
+def test_nan_loss_fails_loudly():
+    model = build_model(apply_overrides(preset("tiny"), ["learning_rate=1e30", "optimizer=sgd"]))
+    ds = tf.data.Dataset.from_tensor_slices(_images(64, (8, 8, 1))).batch(32).repeat()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="sparse autoencoder loss"):
+        model.fit(ds, epochs=1, steps_per_epoch=5, verbose=0)

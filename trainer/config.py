@@ -1,0 +1,248 @@
+"""The training config: one frozen dataclass, named presets, `key=value` overrides.
+
+    cfg = apply_overrides(preset("mnist"), ["hidden=200", "global_batch_size=512"])
+
+Every construction path (presets, overrides, `from_dict` on a run's config.json)
+goes through `TrainConfig.__post_init__`, so an invalid value never reaches the
+trainer. Errors are `UserError`s that name the key and the valid values.
+
+Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value ...]`):
+  tiny             8x8x1 -> 16, a few steps; for tests and smoke runs (seconds).
+  digits           scikit-learn's 1,797 8x8 digits, 64 -> 25, 1,400 Adam steps: seconds on 2 CPU
+                   cores. The loss falls from about 33 to below 1, rho_hat_j is about 0.1 for
+                   every unit (none dead), about 80% of the variance is explained.
+  mnist            The UFLDL exercise: 28x28 MNIST, 784 -> 196, rho 0.1, lambda 3e-3, beta 3
+                   (pixels / 255); about 1,750 Adam steps at global batch 1024 (about a minute
+                   on 2 CPU cores). Expected: pen-stroke detectors; the UFLDL self-taught
+                   exercise reports 98.3% softmax accuracy on such features (784 -> 200).
+  natural-patches  The UFLDL sparseae exercise: 10k random 8x8 patches of natural images,
+                   64 -> 25, rho 0.01, lambda 1e-4, beta 3, `ufldl_patches` normalization,
+                   sigmoid decoder; 10k Adam steps on 10k patches (under a minute on 2 CPU
+                   cores). Expected: oriented edge detectors. On the built-in natural-images
+                   photos (not whitened, unlike UFLDL's IMAGES.mat) the filters become oriented
+                   edges and gradients, rho_hat_j is 0.010-0.016 for every unit, about half the
+                   variance is explained. The alternative for mean-removed or whitened data
+                   that is not squashed into [0.1, 0.9] is the linear decoder:
+                   `--set decoder=linear` (UFLDL's linear-decoder exercise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from preprocessing.errors import UserError
+
+Decoder = Literal["sigmoid", "linear"]
+BatchNorm = Literal["none", "before", "after"]
+Normalization = Literal["unit", "ufldl_patches"]
+Optimizer = Literal["adam", "sgd"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Image shape (H, W, C) the model expects. Must equal the dataset manifest's image_shape
+    # (the trainer checks and fails with both shapes in the message).
+    input_shape: tuple[int, int, int] = (8, 8, 1)
+    # Number of hidden units s (the code length).
+    hidden: int = 25
+    # Output nonlinearity f of x_hat = f(W2 a + b2): "sigmoid" for data in [0, 1], "linear"
+    # (identity) for mean-removed or whitened data (UFLDL's linear decoder).
+    decoder: Decoder = "sigmoid"
+    # Target mean activation of every hidden unit (sparsity target), in (0, 1).
+    rho: float = 0.1
+    # Weight of the sparsity penalty beta * sum_j KL(rho || rho_hat_j).
+    beta: float = 3.0
+    # lambda of the weight decay (lambda / 2) * (||W1||^2 + ||W2||^2); kernels only, never biases.
+    weight_decay: float = 3e-3
+    # Tied weights: W2 = W1^T (one matrix). The weight decay still reads ||W1||^2 + ||W2||^2,
+    # i.e. lambda * ||W1||^2, so the cost is the UFLDL cost with W2 substituted.
+    tied_weights: bool = False
+    # Article variant, off by default: adds l1_activity * (1/m) sum_i sum_j |a_ij| (per example,
+    # summed over units, averaged over the GLOBAL batch). Defined explicitly because Keras 3
+    # adds `activity_regularizer` losses unscaled (a sum over the batch) while tf.keras 2 divided
+    # them by the batch size, so the same coefficient meant different things in the two.
+    l1_activity: float = 0.0
+    # Article variant, off by default: BatchNormalization (synchronized across replicas) on the
+    # hidden pre-activations ("before" the sigmoid) or on the activations ("after" it). With
+    # "after" the KL and L1 terms still act on the sigmoid outputs a (the features); the
+    # decoder reads BN(a).
+    batch_norm: BatchNorm = "none"
+    # Off (0) = exact UFLDL: rho_hat is the mean over this step's global batch. In (0, 1): the
+    # KL term uses a bias-corrected exponential moving average of rho_hat over steps with this
+    # momentum (the current batch enters with weight 1 - momentum, and the gradient flows only
+    # through it). It smooths minibatch noise; UFLDL's full-batch L-BFGS had none. Evaluation
+    # always uses the batch's own rho_hat.
+    rho_hat_momentum: float = 0.0
+    # How uint8 pixels become model inputs (inside the model, so the export takes uint8):
+    #   "unit":          x = pixels / 255, in [0, 1].
+    #   "ufldl_patches": UFLDL sampleIMAGES: remove each example's mean, clip to +-3 std, map
+    #                    to [0.1, 0.9]. UFLDL took the std over the whole set; we take the pooled
+    #                    std of the mean-removed pixels over all training batches seen so far
+    #                    (all-reduced across replicas; it converges to the whole-set value and
+    #                    needs nothing from the manifest). Inference uses the stored value.
+    normalization: Normalization = "unit"
+    # Optimizer (UFLDL used full-batch L-BFGS; minibatch Adam is the scalable default).
+    optimizer: Optimizer = "adam"
+    learning_rate: float = 1e-2
+    # Examples per step over ALL replicas and workers; the per-replica batch is derived.
+    global_batch_size: int = 256
+    epochs: int = 10
+    # Steps per epoch; 0 = one full pass over the train split.
+    steps_per_epoch: int = 0
+    # Save a checkpoint every this many steps (0 = only at the end of each epoch).
+    checkpoint_every_steps: int = 100
+    # Eval batches per evaluation; 0 = the whole eval split.
+    eval_batches: int = 0
+    # Seeds the weight initialization and the input shuffling.
+    seed: int = 0
+    # rho_hat is clipped to [eps, 1 - eps] before the logs of the KL term.
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _coerce_and_check_types(self)
+        c = self
+        checks = [
+            (
+                len(c.input_shape) == 3 and all(d >= 1 for d in c.input_shape),
+                "input_shape",
+                "three positive sizes H,W,C, e.g. 28,28,1",
+            ),
+            (c.hidden >= 1, "hidden", "an integer >= 1"),
+            (0.0 < c.rho < 1.0, "rho", "a float strictly between 0 and 1"),
+            (c.beta >= 0.0, "beta", "a float >= 0"),
+            (c.weight_decay >= 0.0, "weight_decay", "a float >= 0"),
+            (c.l1_activity >= 0.0, "l1_activity", "a float >= 0"),
+            (0.0 <= c.rho_hat_momentum < 1.0, "rho_hat_momentum", "a float in [0, 1)"),
+            (c.learning_rate > 0.0, "learning_rate", "a float > 0"),
+            (c.global_batch_size >= 1, "global_batch_size", "an integer >= 1"),
+            (c.epochs >= 1, "epochs", "an integer >= 1"),
+            (c.steps_per_epoch >= 0, "steps_per_epoch", "an integer >= 0 (0 = full pass)"),
+            (c.checkpoint_every_steps >= 0, "checkpoint_every_steps", "an integer >= 0"),
+            (c.eval_batches >= 0, "eval_batches", "an integer >= 0 (0 = whole split)"),
+            (0.0 < c.eps < 0.5, "eps", "a float in (0, 0.5)"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise UserError(f"invalid {key}={getattr(c, key)!r}: expected {expected}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists); `from_dict` inverts it."""
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Builds and validates a config from `to_dict` output (e.g. a run's config.json)."""
+        unknown = sorted(set(d) - set(_hints()))
+        if unknown:
+            raise UserError(
+                f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(_hints())}"
+            )
+        return cls(**d)
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce_and_check_types(cfg: TrainConfig) -> None:
+    """Checks each field's type; ints are accepted for floats and lists for the shape."""
+    for name, hint in _hints().items():
+        value = getattr(cfg, name)
+        if typing.get_origin(hint) is Literal:
+            if value not in typing.get_args(hint):
+                choices = ", ".join(typing.get_args(hint))
+                raise UserError(f"invalid {name}={value!r}: choose one of {choices}")
+        elif hint is bool:
+            if not isinstance(value, bool):
+                raise UserError(f"invalid {name}={value!r}: expected true or false")
+        elif hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"invalid {name}={value!r}: expected an integer")
+        elif hint is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"invalid {name}={value!r}: expected a number")
+            object.__setattr__(cfg, name, float(value))
+        elif typing.get_origin(hint) is tuple:
+            ok = isinstance(value, (tuple, list)) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            )
+            if not ok:
+                raise UserError(f"invalid {name}={value!r}: expected integers like 28,28,1")
+            object.__setattr__(cfg, name, tuple(value))
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(
+        input_shape=(8, 8, 1), hidden=16, weight_decay=1e-4, global_batch_size=32,
+        epochs=1, steps_per_epoch=5, checkpoint_every_steps=5, eval_batches=2,
+    ),
+    "digits": TrainConfig(
+        input_shape=(8, 8, 1), hidden=25, rho=0.1, beta=3.0, weight_decay=1e-4,
+        learning_rate=1e-2, global_batch_size=128, epochs=100,
+    ),
+    "mnist": TrainConfig(
+        input_shape=(28, 28, 1), hidden=196, rho=0.1, beta=3.0, weight_decay=3e-3,
+        learning_rate=3e-3, global_batch_size=1024, epochs=30, checkpoint_every_steps=500,
+    ),
+    "natural-patches": TrainConfig(
+        input_shape=(8, 8, 1), hidden=25, rho=0.01, beta=3.0, weight_decay=1e-4,
+        decoder="sigmoid", normalization="ufldl_patches", learning_rate=1e-2,
+        global_batch_size=1000, epochs=1000, checkpoint_every_steps=1000,
+    ),
+}  # fmt: skip
+
+
+def preset(name: str) -> TrainConfig:
+    """The named preset; an unknown name raises UserError listing the valid ones."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _parse(key: str, text: str, hint: Any) -> Any:
+    text = text.strip()
+    if hint is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise UserError(f"invalid {key}={text!r}: expected true or false")
+    if typing.get_origin(hint) is tuple:
+        parts = text.lower().replace("x", ",").split(",")
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError:
+            raise UserError(
+                f"invalid {key}={text!r}: expected integers like 28,28,1 or 28x28x1"
+            ) from None
+    if hint in (int, float):
+        try:
+            return hint(text)
+        except ValueError:
+            kind = "an integer" if hint is int else "a number"
+            raise UserError(f"invalid {key}={text!r}: expected {kind}") from None
+    return text  # a Literal: __post_init__ checks the choice
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """Returns `cfg` with each "key=value" applied, parsed by the field's type.
+
+    bool: true/false; tuple: "28,28,1" or "28x28x1"; choices are checked by the config.
+    An unknown key or an invalid value raises UserError.
+    """
+    hints = _hints()
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UserError(f"invalid override {item!r}: expected key=value, e.g. hidden=196")
+        if key not in hints:
+            raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(hints)}")
+        changes[key] = _parse(key, text, hints[key])
+    return dataclasses.replace(cfg, **changes)

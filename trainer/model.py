@@ -1,0 +1,347 @@
+"""The UFLDL sparse autoencoder as a Keras 3 model (TensorFlow backend).
+
+The model takes uint8 images [b, H, W, C] (or a dict with an "image" entry) and
+normalizes them itself, so an exported model takes what the records hold.
+`model.fit(dataset)` works under the default strategy, MirroredStrategy and
+MultiWorkerMirroredStrategy (build the model inside `strategy.scope()`); the
+loss and gradients do not depend on the replica count (see trainer/losses.py).
+
+Logged by fit and evaluate (means over the epoch or split, weighted by batch size):
+  loss, reconstruction, weight_decay, sparsity, [l1_activity]   the cost and its terms
+  mean_rho_hat                 mean over units of rho_hat_j
+evaluate also reports, over the whole split (from the test step's metric state):
+  dead_fraction                units with rho_hat_j < rho / 10
+  saturated_fraction           units with rho_hat_j > 0.9 (on for almost every input)
+  l0                           mean number of units per example with a_j > 0.5
+                               (more on than off; scale-free for a sigmoid)
+  fraction_variance_explained  1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, in the
+                               normalized input space, mean(x) = the split's mean image
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from trainer import losses
+from trainer.config import TrainConfig
+
+DEAD_FACTOR = 0.1  # a unit is dead when rho_hat_j < DEAD_FACTOR * rho
+SATURATED_RHO_HAT = 0.9  # a unit is saturated when rho_hat_j > this
+L0_THRESHOLD = 0.5  # an activation counts as "on" above this
+
+
+def images_of(data):
+    """The uint8 images from a batch: a tensor, an (images, ...) tuple or {"image": ...}."""
+    if isinstance(data, (tuple, list)):
+        data = data[0]
+    if isinstance(data, dict):
+        data = data["image"]
+    return data
+
+
+@keras.saving.register_keras_serializable(package="sae")
+class SparseAutoencoder(keras.Model):
+    """KL-sparse autoencoder (UFLDL / CS294A), one hidden layer.
+
+    x = normalize(images) flattened to [m, n];  n = H*W*C, s = config.hidden
+    a     = sigmoid(x W1 + b1)                  W1 [n, s], b1 [s]   (hidden code)
+    x_hat = f(a W2 + b2)                        W2 [s, n] (W1^T if tied), b2 [n];
+                                                f = sigmoid or identity (config.decoder)
+    J = (1/m) sum_i 0.5 ||x_hat_i - x_i||^2     SUM over pixels, m = GLOBAL batch size
+      + (lambda/2) (||W1||^2 + ||W2||^2)        kernels only
+      + beta sum_j KL(rho || rho_hat_j)         rho_hat_j = (1/m) sum_i a_ij, PER UNIT
+      [+ l1_activity (1/m) sum_i sum_j a_ij]    optional
+    Init: W ~ U[-r, r], r = sqrt(6) / sqrt(n + s + 1); biases 0; seeded by config.seed.
+    Optional BatchNormalization before or after the hidden sigmoid (config.batch_norm): with
+    "after" the KL/L1 terms act on a and the decoder reads BN(a).
+    """
+
+    def __init__(self, config: TrainConfig, **kwargs):
+        super().__init__(name=kwargs.pop("name", "sparse_autoencoder"), **kwargs)
+        self.config = config
+        h, w, c = config.input_shape
+        n, s = h * w * c, config.hidden
+        self.num_inputs, self.num_hidden = n, s
+        r = math.sqrt(6.0) / math.sqrt(n + s + 1)
+        uniform = keras.initializers.RandomUniform
+
+        self.w1 = self.add_weight((n, s), uniform(-r, r, seed=config.seed), name="w1")
+        self.b1 = self.add_weight((s,), "zeros", name="b1")
+        self.w2 = None
+        if not config.tied_weights:
+            self.w2 = self.add_weight((s, n), uniform(-r, r, seed=config.seed + 1), name="w2")
+        self.b2 = self.add_weight((n,), "zeros", name="b2")
+        self.batch_norm = None
+        if config.batch_norm != "none":
+            # synchronized: the batch statistics are those of the GLOBAL batch.
+            self.batch_norm = keras.layers.BatchNormalization(
+                synchronized=True, dtype=self.dtype_policy, name="batch_norm"
+            )
+            self.batch_norm.build((None, s))
+
+        # Written identically by every replica (all-reduced values): keep the first's.
+        state = dict(trainable=False, aggregation="only_first_replica", initializer="zeros")
+        if config.normalization == "ufldl_patches":
+            # Running pooled moments of mean-removed pixels over all training batches.
+            self.pixel_sq_sum = self.add_weight((), dtype="float64", name="pixel_sq_sum", **state)
+            self.pixel_count = self.add_weight((), dtype="float64", name="pixel_count", **state)
+        if config.rho_hat_momentum > 0:
+            self.rho_hat_ema = self.add_weight((s,), name="rho_hat_ema", **state)
+            self.rho_hat_steps = self.add_weight((), name="rho_hat_steps", **state)
+
+        # Means over steps weighted by batch size; over an eval split, mean_rho_hat's weighted
+        # mean of batch means is exactly the mean over units of the split's rho_hat.
+        names = ["loss", "reconstruction", "weight_decay", "sparsity", "mean_rho_hat"]
+        if config.l1_activity > 0:
+            names.insert(4, "l1_activity")
+        self.trackers = {k: keras.metrics.Mean(name=k) for k in names}
+        self.unit_stats = UnitStatistics(n, s, config.rho)
+        self.built = True
+
+    # -- forward --------------------------------------------------------------------------
+
+    def normalize(self, images, training: bool = False) -> tf.Tensor:
+        """uint8 [b, H, W, C] -> model inputs x [b, H, W, C] (compute dtype), per config."""
+        images = images_of(images)
+        dtype = self.compute_dtype
+        if self.config.normalization == "unit":
+            return losses.unit_normalize(images, dtype)
+        centered = losses.centered(images, dtype)
+        batch_sq, batch_count = losses.centered_moments(centered)
+        sq, count = self.pixel_sq_sum, self.pixel_count
+        if training:  # fold this global batch into the running whole-set estimate
+            sq, count = sq + batch_sq, count + batch_count
+            self.pixel_sq_sum.assign(sq)
+            self.pixel_count.assign(count)
+        else:  # before any training there is no estimate: use this batch's std
+            untrained = tf.equal(count, 0.0)
+            sq = tf.where(untrained, batch_sq, sq)
+            count = tf.where(untrained, batch_count, count)
+        return losses.ufldl_rescale(centered, std=tf.sqrt(sq / count))
+
+    def _forward(self, images, training: bool):
+        """Returns x [m, n], a [m, s] (sigmoid outputs), x_hat [m, n]."""
+        x = tf.reshape(self.normalize(images, training), [-1, self.num_inputs])
+        z = tf.matmul(x, self.w1) + self.b1
+        if self.config.batch_norm == "before":
+            z = self.batch_norm(z, training=training)
+        a = tf.sigmoid(z)
+        d = self.batch_norm(a, training=training) if self.config.batch_norm == "after" else a
+        w2 = tf.transpose(self.w1) if self.w2 is None else self.w2
+        out = tf.matmul(d, w2) + self.b2
+        x_hat = tf.sigmoid(out) if self.config.decoder == "sigmoid" else out
+        return x, a, x_hat
+
+    def call(self, images, training: bool = False) -> tf.Tensor:
+        """uint8 images -> reconstructions [b, H, W, C] in the normalized input space."""
+        _, _, x_hat = self._forward(images, training)
+        return tf.reshape(x_hat, [-1, *self.config.input_shape])
+
+    def encode(self, images) -> tf.Tensor:
+        """uint8 [b, H, W, C] (or {"image": ...}) -> hidden activations a [b, s] in (0, 1)."""
+        return self._forward(images, training=False)[1]
+
+    def reconstruct(self, images) -> tf.Tensor:
+        """uint8 [b, H, W, C] -> x_hat [b, H, W, C] float, in the space of `normalize(images)`."""
+        return self(images, training=False)
+
+    def kernels(self) -> list:
+        """The weight matrices the weight decay acts on: [W1, W2] (W1 twice when tied)."""
+        return [self.w1, self.w1 if self.w2 is None else self.w2]
+
+    # -- cost -----------------------------------------------------------------------------
+
+    def cost(self, images, training: bool = False):
+        """The cost of this replica's slice of the global batch.
+
+        Returns (replica_loss [], CostTerms over the global batch, rho_hat [s] of the global
+        batch, (x [m, n], a [m, s], x_hat [m, n]) of this replica, global batch size []).
+        Differentiate replica_loss (see trainer/losses.py). In training mode this also updates
+        the running normalization statistics and the rho_hat moving average, if enabled.
+        """
+        cfg = self.config
+        x, a, x_hat = self._forward(images, training)
+        rho_hat, count = losses.global_rho_hat(a)
+        kl_rho_hat = rho_hat
+        if training and cfg.rho_hat_momentum > 0:
+            # Bias-corrected EMA, as in Adam: step 1 uses the batch value exactly.
+            mom = cfg.rho_hat_momentum
+            steps = self.rho_hat_steps + 1.0
+            ema = mom * self.rho_hat_ema + (1.0 - mom) * rho_hat
+            kl_rho_hat = ema / (1.0 - tf.pow(tf.constant(mom, ema.dtype), steps))
+            self.rho_hat_ema.assign(tf.stop_gradient(ema))
+            self.rho_hat_steps.assign(steps)
+        replica_loss, terms = losses.sparse_autoencoder_cost(
+            x, x_hat, a, self.kernels(), rho=cfg.rho, beta=cfg.beta,
+            weight_decay=cfg.weight_decay, l1_activity=cfg.l1_activity, eps=cfg.eps,
+            rho_hat=kl_rho_hat, count=count,
+        )  # fmt: skip
+        return replica_loss, terms, rho_hat, (x, a, x_hat), count
+
+    def _update_trackers(self, terms: losses.CostTerms, rho_hat, count) -> dict:
+        values = {
+            "loss": terms.total,
+            "reconstruction": terms.reconstruction,
+            "weight_decay": terms.weight_decay,
+            "sparsity": terms.sparsity,
+            "l1_activity": terms.l1,
+            "mean_rho_hat": tf.reduce_mean(rho_hat),
+        }
+        # Every replica adds the same global values, so each replica's mean is the global one.
+        for name, tracker in self.trackers.items():
+            tracker.update_state(values[name], sample_weight=count)
+        return {name: t.result() for name, t in self.trackers.items()}
+
+    def train_step(self, data):
+        images = images_of(data)
+        with tf.GradientTape() as tape:
+            replica_loss, terms, rho_hat, _, count = self.cost(images, training=True)
+        tf.debugging.check_numerics(terms.total, "sparse autoencoder loss")
+        # Keras's optimizer all-reduces (SUMs) these over replicas before applying them.
+        grads = tape.gradient(replica_loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
+        return _for_keras_reduce(self._update_trackers(terms, rho_hat, count))
+
+    def test_step(self, data):
+        images = images_of(data)
+        _, terms, rho_hat, (x, a, x_hat), count = self.cost(images, training=False)
+        logs = self._update_trackers(terms, rho_hat, count)
+        self.unit_stats.update_state(x, a, x_hat)
+        return _for_keras_reduce({**logs, **self.unit_stats.result()})
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (3.15) peeks at the first batch in fit/evaluate and MEAN-reduces it across
+        # replicas to build unbuilt models; under MultiWorkerMirroredStrategy that reduce fails
+        # on uint8 images (collectives take no uint8). Ours is built at construction, so
+        # skip the peek and let Keras build only the optimizer.
+        super()._maybe_symbolic_build(iterator=None, data_batch=None)
+
+    @property
+    def metrics(self):
+        return [*self.trackers.values(), self.unit_stats]
+
+    def unit_rho_hat(self) -> tf.Tensor:
+        """rho_hat_j [s] over everything the last `evaluate` saw (for a histogram)."""
+        return self.unit_stats.unit_rho_hat()
+
+    def get_config(self):
+        return {"config": self.config.to_dict(), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(TrainConfig.from_dict(config["config"]), name=config.get("name"))
+
+
+def _for_keras_reduce(logs: dict) -> dict:
+    """Step outputs shaped for Keras's cross-replica reduction.
+
+    Keras 3 (through 3.15) reduces them under multi-worker MultiWorkerMirroredStrategy with
+    `strategy.reduce(MEAN, v, axis=0)`, which fails on scalars ("Invalid reduction dimension
+    0", tensorflow/tensorflow#72388). Our logged values are identical on every replica, so a
+    length-1 axis to average over gives the exact scalar back.
+    """
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return logs
+    spec = strategy.cluster_resolver.cluster_spec()
+    if sum(spec.num_tasks(job) for job in spec.jobs if job in ("chief", "worker")) <= 1:
+        return logs
+    return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+
+
+class UnitStatistics(keras.metrics.Metric):
+    """Sums over a split, all-reduced per batch: every replica holds the global sums.
+
+    State (float64): examples, per-unit activation sums [s], activations above
+    L0_THRESHOLD, squared reconstruction error, per-input sums [n] and the sum of squares of
+    the inputs (for the variance about the split's mean image).
+    """
+
+    def __init__(self, num_inputs: int, num_hidden: int, rho: float, name="unit_statistics"):
+        super().__init__(name=name, dtype="float64")
+        self.rho = rho
+
+        def var(shape, name):
+            return self.add_variable(shape, "zeros", dtype="float64", name=name)
+
+        self.count = var((), "count")
+        self.unit_sum = var((num_hidden,), "unit_sum")
+        self.active = var((), "active")
+        self.sq_error = var((), "sq_error")
+        self.x_sum = var((num_inputs,), "x_sum")
+        self.x_sq_sum = var((), "x_sq_sum")
+        self._state = [self.count, self.unit_sum, self.active, self.sq_error, self.x_sum,
+                       self.x_sq_sum]  # fmt: skip
+
+    def update_state(self, x, a, x_hat):
+        """x, x_hat: [m, n]; a: [m, s] (this replica's slice)."""
+        x, a, x_hat = (tf.cast(t, tf.float64) for t in (x, a, x_hat))
+        batch = [
+            tf.cast(tf.shape(x)[0], tf.float64),
+            tf.reduce_sum(a, axis=0),
+            tf.reduce_sum(tf.cast(a > L0_THRESHOLD, tf.float64)),
+            tf.reduce_sum(tf.square(x_hat - x)),
+            tf.reduce_sum(x, axis=0),
+            tf.reduce_sum(tf.square(x)),
+        ]
+        for v, b in zip(self._state, losses.all_reduce_sum(batch), strict=True):
+            v.assign_add(b)
+
+    def unit_rho_hat(self) -> tf.Tensor:
+        return tf.math.divide_no_nan(self.unit_sum, self.count)
+
+    def result(self) -> dict:
+        rho_hat = self.unit_rho_hat()
+        variance = self.x_sq_sum - tf.reduce_sum(tf.square(self.x_sum)) / tf.maximum(self.count, 1)
+        return {
+            "dead_fraction": _fraction(rho_hat < DEAD_FACTOR * self.rho),
+            "saturated_fraction": _fraction(rho_hat > SATURATED_RHO_HAT),
+            "l0": tf.math.divide_no_nan(self.active, self.count),
+            "fraction_variance_explained": 1.0 - tf.math.divide_no_nan(self.sq_error, variance),
+        }
+
+    def reset_state(self):
+        for v in self._state:
+            v.assign(tf.zeros_like(v))
+
+
+def _fraction(mask: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(tf.cast(mask, tf.float64))
+
+
+def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
+    """The optimizer named by the config (create it inside the strategy's scope)."""
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(config.learning_rate)
+    return keras.optimizers.Adam(config.learning_rate)
+
+
+def build_model(config: TrainConfig) -> SparseAutoencoder:
+    """A compiled SparseAutoencoder; call inside `strategy.scope()` to distribute it."""
+    model = SparseAutoencoder(config)
+    # No XLA: Keras's "auto" turns it on whenever a GPU is present, and XLA cannot compile a
+    # step whose batch dict carries string keys; two matmuls gain nothing from it anyway.
+    model.compile(optimizer=make_optimizer(config), jit_compile=False)
+    return model
+
+
+def evaluate_metrics(model: SparseAutoencoder, dataset, steps: int | None = None) -> dict:
+    """Final eval values over `dataset` (all of it unless `steps`), as plain floats.
+
+    Keys: loss, reconstruction, weight_decay, sparsity, [l1_activity], mean_rho_hat,
+    dead_fraction, saturated_fraction, l0, fraction_variance_explained, eval_examples.
+    The per-unit rho_hat is then `model.unit_rho_hat()`.
+    """
+    logs = model.evaluate(dataset, steps=steps or None, return_dict=True, verbose=0)
+    out = {k: float(v) for k, v in logs.items()}
+    out["eval_examples"] = int(model.unit_stats.count.numpy()) // _replicas_in(model)
+    return out
+
+
+def _replicas_in(model: keras.Model) -> int:
+    # On-read SUM variables read in cross-replica context add up the replicas' copies, which
+    # all hold the global sums; ratios are unaffected, counts need this division.
+    return model.distribute_strategy.num_replicas_in_sync
