@@ -31,7 +31,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import images, records, sharding, sources
+from preprocessing import images, records, sharding, sources, wire
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import KIND, MANIFEST_NAME, join
 
@@ -229,9 +229,9 @@ class ToExamples(beam.DoFn):
         label = None
         if item.label is not None:
             label = label_names.index(item.label)
-        split = split_of(item.key, o["eval_fraction"])
+        split = split_of(item.rel, o["eval_fraction"])
         if o["patches"]:
-            rng = images.patch_rng(item.key, o["seed"])
+            rng = images.patch_rng(item.rel, o["seed"])
             for i, patch in enumerate(images.sample_patches(arr, o["patches"], h, rng)):
                 key = f"{item.key}#patch={i}"
                 yield split, key, records.encode(key, patch, label), patch
@@ -277,13 +277,30 @@ class PixelStats(beam.CombineFn):
         }
 
 
+def shard_counts(num_inputs: int, shape, opts: dict) -> dict[str, int]:
+    """Shards per split from the expected example count and size (every example has the
+    same shape, so its size is known before decoding)."""
+    examples = num_inputs * (opts["patches"] or 1)
+    nbytes = int(np.prod(shape)) + 200  # pixels + key and framing, roughly
+    share = {"train": 1.0 - opts["eval_fraction"], "eval": opts["eval_fraction"]}
+    return {
+        split: sharding.num_shards_for(
+            round(examples * f),
+            round(examples * f) * nbytes,
+            opts["target_shard_mb"],
+            opts["num_shards"],
+        )
+        for split, f in share.items()
+    }
+
+
 def write_tfrecord_shard(
     out: str, split: str, index: int, total: int, recs: list, compression: str
 ) -> dict:
     """A ShardWriter: sorted [(key, serialized Example)] -> one TFRecord shard."""
     suffix = ".tfrecord.gz" if compression == "gzip" else ".tfrecord"
     path = sharding.shard_path(out, split, index, total, suffix)
-    frames = (records.tfrecord_frame(r) for _, r in recs)
+    frames = (wire.tfrecord_frame(r) for _, r in recs)
     sharding.write_atomically(path, frames, gzip=compression == "gzip")
     name = path.rsplit("/", 1)[1]
     return {"group": split, "index": index, "path": name, "num_examples": len(recs)}
@@ -336,7 +353,7 @@ class Finalize(beam.DoFn):
             sharding.write_atomically(
                 join(self.out, FAILED_NAME), [json.dumps(failed, indent=2).encode()]
             )
-            return
+            return []
         manifest = {
             "format_version": records.FORMAT_VERSION,
             "kind": KIND,
@@ -355,7 +372,7 @@ class Finalize(beam.DoFn):
         sharding.write_atomically(
             join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()]
         )
-        yield manifest
+        return [manifest]
 
 
 # ----------------------------------------------------------------------------
@@ -415,15 +432,16 @@ def build(
         | "TrainPixels" >> beam.FlatMap(lambda e: [e[3]] if e[0] == "train" else [])
         | "PixelStats" >> beam.CombineGlobally(PixelStats())
     )
+    num_inputs = items | "CountInputs" >> beam.combiners.Count.Globally()
+    # Decided from the input count, before decoding, so shards are written as examples come.
+    num_shards = num_inputs | "NumShards" >> beam.Map(shard_counts, shape, opts)
     writer = functools.partial(write_tfrecord_shard, compression=opts["compression"])
     sharded = (
         examples
         | "DropPixels" >> beam.Map(lambda e: e[:3])
-        | "WriteShards"
-        >> sharding.WriteShards(out, writer, opts["target_shard_mb"], opts["num_shards"])
+        | "WriteShards" >> sharding.WriteShards(out, writer, num_shards)
     )
     num_errors = decoded.errors | "WriteErrors" >> sharding.WriteErrors(join(out, ERRORS_FILE))
-    num_inputs = items | "CountInputs" >> beam.combiners.Count.Globally()
     num_accepted = decoded.accepted | "CountAccepted" >> beam.combiners.Count.Globally()
     si = beam.pvalue.AsSingleton
     _ = (
@@ -475,12 +493,25 @@ def _prepare_output(out: str, overwrite: bool) -> None:
     FileSystems.delete(paths)
 
 
-def _default_beam_args(beam_args: list[str]) -> list[str]:
-    """DirectRunner in multi-processing mode with one worker per core, unless told otherwise."""
+def configure_logging(verbose: bool) -> None:
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    # The DirectRunner relays every worker's start-up warnings; they are noise to users.
+    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
+        logging.INFO if verbose else logging.ERROR
+    )
+
+
+def default_beam_args(beam_args: list[str]) -> list[str]:
+    """The local runner, multi-processing with one worker per core, unless told otherwise.
+
+    FnApiRunner is the engine of Beam's DirectRunner. Naming it pins that engine: since
+    Beam 2.6x the DirectRunner first tries to download and start the Prism runner, which
+    needs internet access and handles these worker options differently.
+    """
     joined = " ".join(beam_args)
     args = list(beam_args)
     if "--runner" not in joined:
-        args.append("--runner=DirectRunner")
+        args.append("--runner=FnApiRunner")
         if "--direct_running_mode" not in joined:
             args.append("--direct_running_mode=multi_processing")
         if "--direct_num_workers" not in joined:
@@ -491,11 +522,7 @@ def _default_beam_args(beam_args: list[str]) -> list[str]:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the manifest. Raises UserError for bad flags or input."""
     args, beam_args = make_parser().parse_known_args(argv)
-    logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if not args.verbose:  # the DirectRunner relays every worker's start-up warnings
-        logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
-            logging.ERROR
-        )
+    configure_logging(args.verbose)
     out = args.output.rstrip("/")
     source = sources.parse(args.input, args.tfds_data_dir)
     declared = sources.label_names(source)
@@ -515,7 +542,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "max_pixels": args.max_pixels,
     }
     _prepare_output(out, args.overwrite)
-    options = PipelineOptions(_default_beam_args(beam_args))
+    options = PipelineOptions(default_beam_args(beam_args))
     runner = options.get_all_options().get("runner")
     print(
         f"preprocess: {args.input} -> {out}  (image {shape[0]}x{shape[1]}x{shape[2]}, "

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from preprocessing import wire
+
 FORMAT_VERSION = 1
 NO_LABEL = -1
 
@@ -34,28 +36,19 @@ class Record:
 
 def encode(key: str, image: np.ndarray, label: int | None = None) -> bytes:
     """Serializes one image. image: uint8 [H, W, C] with C in {1, 3}."""
-    import tensorflow as tf
-
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"image must be uint8 [H, W, 1|3], got {image.dtype} {image.shape}")
     h, w, c = image.shape
-
-    def ints(v: int) -> tf.train.Feature:
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
-
-    def raw(b: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[b]))
-
-    feature = {
-        "image": raw(np.ascontiguousarray(image).tobytes()),
-        "height": ints(h),
-        "width": ints(w),
-        "channels": ints(c),
-        "key": raw(key.encode("utf-8")),
+    features: dict[str, wire.FeatureValue] = {
+        "image": np.ascontiguousarray(image).tobytes(),
+        "height": [h],
+        "width": [w],
+        "channels": [c],
+        "key": key.encode("utf-8"),
     }
     if label is not None:
-        feature["label"] = ints(int(label))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+        features["label"] = [int(label)]
+    return wire.example_bytes(features)
 
 
 def decode(serialized: bytes) -> Record:
@@ -104,24 +97,3 @@ def parse_batch(serialized, shape: tuple[int, int, int]) -> dict:
     )
     image = tf.reshape(pixels, [-1, h, w, c])
     return {"image": image, "key": parsed["key"], "label": parsed["label"]}
-
-
-def _masked_crc(data: bytes) -> bytes:
-    import struct
-
-    import google_crc32c
-
-    crc = google_crc32c.value(data)
-    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-
-def tfrecord_frame(record: bytes) -> bytes:
-    """One record in TFRecord framing: length, CRC of length, data, CRC of data.
-
-    Written by hand so Beam workers can write shards to any Beam filesystem
-    (local, gs://, ...) without going through TensorFlow's file layer.
-    """
-    import struct
-
-    length = struct.pack("<Q", len(record))
-    return length + _masked_crc(length) + record + _masked_crc(record)

@@ -1,18 +1,21 @@
 """Deterministic, exactly-once sharded writes for Beam jobs (local paths and gs://).
 
 Each element goes to shard hash(key) % N of its group (a split, or "features"), N
-from the group's size; a shard's elements are sorted by key and written to a
-temporary name, then renamed. So a retried bundle rewrites the same file with the
-same bytes, every element lands in exactly one shard, and two runs give
-byte-identical output. Shards that no key hashed to are written empty, so the
-`-of-N` names are complete.
+decided up front from the expected size. Elements stream into per-bundle part
+files (memory stays flat in the data size); one merge per shard sorts its
+elements by key and writes the shard to a temporary name, then renames it. So a
+retried step rewrites the same file with the same bytes, every element lands in
+exactly one shard, and two runs give byte-identical output. Shards that no key
+hashed to are written empty, so the `-of-N` names are complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import struct
 import uuid
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -20,6 +23,7 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
 from preprocessing.manifest import join
 
@@ -38,6 +42,19 @@ def write_atomically(path: str, chunks: Iterable[bytes], gzip: bool = False) -> 
     if FileSystems.exists(path):  # a retried bundle wrote it before, with the same content
         FileSystems.delete([path])
     FileSystems.rename([tmp], [path])
+
+
+def move(sources: list[str], destinations: list[str]) -> None:
+    """Renames files, creating destination folders where the filesystem has them (local)."""
+    import posixpath
+
+    for parent in sorted({posixpath.dirname(d) for d in destinations}):
+        if not FileSystems.exists(parent):
+            # Object stores have no folders; a racing creator is fine too.
+            with contextlib.suppress(OSError):
+                FileSystems.mkdirs(parent)
+    if sources:
+        FileSystems.rename(sources, destinations)
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -71,43 +88,98 @@ class Sharded(NamedTuple):
     counts: beam.PCollection  # singleton {group: (elements, payload bytes)}
 
 
-class WriteShards(beam.PTransform):
-    """PCollection[(group, key, payload: bytes)] -> Sharded."""
+_PART_HEADER = struct.Struct("<IQ")  # key length, payload length
 
-    def __init__(self, out: str, writer: ShardWriter, target_mb: float, fixed: int | None):
+
+class _WriteParts(beam.DoFn):
+    """(group, key, payload) -> part files, one per (group, shard) touched by a bundle.
+
+    Elements stream to disk as they come, so memory does not grow with the data; only
+    the part files' names travel to the merge step. A retried bundle writes new parts;
+    only the successful attempt's names are emitted.
+    """
+
+    def __init__(self, parts_dir: str):
+        self.parts_dir = parts_dir
+
+    def start_bundle(self):
+        self.open: dict[tuple[str, int], list] = {}
+
+    def process(self, element, num_shards: dict):
+        group, key, payload = element
+        shard = shard_of(key, num_shards[group])
+        entry = self.open.get((group, shard))
+        if entry is None:
+            path = join(self.parts_dir, f"{group}-{shard:05d}-{uuid.uuid4().hex}.part")
+            entry = self.open[(group, shard)] = [path, FileSystems.create(path), 0]
+        kb = key.encode("utf-8")
+        entry[1].write(_PART_HEADER.pack(len(kb), len(payload)) + kb + payload)
+        entry[2] += 1
+
+    def finish_bundle(self):
+        for (group, shard), (path, f, n) in self.open.items():
+            f.close()
+            yield GlobalWindows.windowed_value(((group, shard), (path, n)))
+
+
+def _read_part(path: str) -> list[tuple[str, bytes]]:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        data = f.read()
+    out, pos = [], 0
+    while pos < len(data):
+        klen, plen = _PART_HEADER.unpack_from(data, pos)
+        pos += _PART_HEADER.size
+        key = data[pos : pos + klen].decode("utf-8")
+        out.append((key, data[pos + klen : pos + klen + plen]))
+        pos += klen + plen
+    return out
+
+
+class WriteShards(beam.PTransform):
+    """PCollection[(group, key, payload: bytes)] -> Sharded.
+
+    num_shards: a singleton PCollection {group: shard count}, decided up front (from the
+    input count) so that elements can be written as they are produced.
+    """
+
+    def __init__(self, out: str, writer: ShardWriter, num_shards: beam.PCollection):
         super().__init__()
-        self.out, self.writer, self.target_mb, self.fixed = out, writer, target_mb, fixed
+        self.out, self.writer, self.num_shards = out, writer, num_shards
 
     def expand(self, elements):
-        target_mb, fixed, out, writer = self.target_mb, self.fixed, self.out, self.writer
+        out, writer = self.out, self.writer
+        parts_dir = join(out, f".parts-{uuid.uuid4().hex[:12]}")
+        num_shards = beam.pvalue.AsSingleton(self.num_shards)
         counts = (
             elements
             | "SizeOf" >> beam.Map(lambda e: (e[0], (1, len(e[2]))))
             | "CountPerGroup" >> beam.CombinePerKey(_sum_pairs)
             | "CountsDict" >> beam.combiners.ToDict()
         )
-        num_shards = beam.pvalue.AsSingleton(
-            counts
-            | "NumShards"
-            >> beam.Map(
-                lambda c: {g: num_shards_for(n, b, target_mb, fixed) for g, (n, b) in c.items()}
-            )
-        )
 
-        def write(element, n):
-            (group, index), items = element
-            yield writer(out, group, index, n[group], sorted(items))
+        def merge(element, n):
+            """All parts of one shard -> the shard, sorted by key (memory: one shard)."""
+            (group, index), parts = element
+            parts = list(parts)
+            items = sorted(kv for path, _ in parts for kv in _read_part(path))
+            if len(items) != sum(count for _, count in parts):
+                raise RuntimeError(f"shard {group}-{index}: part files lost records")
+            info = writer(out, group, index, n[group], items)
+            FileSystems.delete([path for path, _ in parts])
+            yield info
 
         written = (
             elements
-            | "AssignShard"
-            >> beam.Map(lambda e, n: ((e[0], shard_of(e[1], n[e[0]])), (e[1], e[2])), num_shards)
-            | "GroupShards" >> beam.GroupByKey()
-            | "WriteShard" >> beam.FlatMap(write, num_shards)
+            | "WriteParts" >> beam.ParDo(_WriteParts(parts_dir), num_shards)
+            | "GroupParts" >> beam.GroupByKey()
+            | "MergeShard" >> beam.FlatMap(merge, num_shards)
         )
 
         def fill_empty(_, written, n):
             seen = {(s["group"], s["index"]) for s in written}
+            # Parts of failed (retried) bundle attempts are never merged: drop them.
+            with contextlib.suppress(OSError):
+                FileSystems.delete([parts_dir])
             for group, total in n.items():
                 for index in range(total):
                     if (group, index) not in seen:

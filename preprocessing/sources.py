@@ -33,10 +33,17 @@ _GLOB_CHARS = set("*?[")
 
 @dataclass(frozen=True)
 class Item:
-    """One input: a file to read (pixels is None) or an in-memory image."""
+    """One input: a file to read (pixels is None) or an in-memory image.
+
+    `rel` names the input independently of where the collection lives (the path under
+    the input root, the list entry as written, the builtin/TFDS id); the train/eval
+    split and the patch positions hash it, so a moved or copied collection splits and
+    samples the same way.
+    """
 
     key: str
     uri: str
+    rel: str
     label: str | None = None
     pixels: np.ndarray | None = None
 
@@ -81,21 +88,25 @@ def parse(src: str, tfds_data_dir: str | None = None) -> Source:
     return Source("files", pattern, root=root)
 
 
-def _relative_label(root: str, path: str) -> str | None:
-    rel = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
+def _relative(root: str, path: str) -> str:
+    return path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
+
+
+def _file_item(root: str, path: str) -> Item:
+    rel = _relative(root, path)
     parts = rel.split("/")
-    return parts[0] if len(parts) > 1 else None
+    return Item(key=path, uri=path, rel=rel, label=parts[0] if len(parts) > 1 else None)
 
 
 def _parse_list_line(list_uri: str, line: str) -> list[Item]:
     row = next(csv.reader([line]), [])
     if not row or not row[0].strip() or row[0].strip().lower() in ("uri", "path", "filename"):
         return []
-    uri = row[0].strip()
+    entry = uri = row[0].strip()
     if "://" not in uri and not uri.startswith("/"):
         uri = posixpath.join(posixpath.dirname(list_uri), uri)
     label = row[1].strip() if len(row) > 1 and row[1].strip() else None
-    return [Item(key=uri, uri=uri, label=label)]
+    return [Item(key=uri, uri=uri, rel=entry, label=label)]
 
 
 class ReadSource(beam.PTransform):
@@ -109,7 +120,7 @@ class ReadSource(beam.PTransform):
         s = self.source
         if s.kind == "builtin":
             images, _ = builtin.load(s.spec)
-            items = [Item(im.key, im.key, im.label, im.pixels) for im in images]
+            items = [Item(im.key, im.key, im.key, im.label, im.pixels) for im in images]
             return pbegin | "CreateBuiltin" >> beam.Create(items, reshuffle=False)
         if s.kind == "tfds":
             return pbegin | "ReadTfds" >> _ReadTfds(s)
@@ -119,12 +130,10 @@ class ReadSource(beam.PTransform):
                 lambda ln, u=s.spec: _parse_list_line(u, ln)
             )
         else:
-            root = s.root
             items = (
                 pbegin
                 | "MatchFiles" >> fileio.MatchFiles(s.spec)
-                | "ToItems"
-                >> beam.Map(lambda m, r=root: Item(m.path, m.path, _relative_label(r, m.path)))
+                | "ToItems" >> beam.Map(lambda m, r=s.root: _file_item(r, m.path))
             )
         # Listing happens on few workers; spread the (expensive) reads over all of them.
         return items | "Spread" >> beam.Reshuffle()
@@ -184,7 +193,7 @@ class _ReadTfds(beam.PTransform):
             ex = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in example.items()}
             key = prefix + ex["tfds_id"].decode()
             label = names[int(ex[label_name])] if label_name else None
-            return Item(key, key, label, np.asarray(ex[image_name]))
+            return Item(key, key, key, label, np.asarray(ex[image_name]))
 
         read_config = tfds.ReadConfig(add_tfds_id=True)
         return (

@@ -1,0 +1,465 @@
+"""`sae extract`: sparse features (encoder activations) for every input, written back to storage.
+
+    sae extract --data runs/digits/data --model runs/digits/train/export --output runs/feats
+    sae extract --data gs://b/new-images --model gs://b/models --output gs://b/feats \
+        --runner DataflowRunner ... --setup_file ./setup.py
+
+--data is a `sae preprocess` output (its manifest and shards) or raw images (folder,
+gs://, list file, builtin:...) decoded exactly as preprocessing does, resized to the
+model's input. --model is a trainer export or a models root (its CURRENT version).
+The SavedModel is loaded once per worker (DoFn.setup) and applied to batches.
+
+FEATURES/ features-SSSSS-of-NNNNN.tfrecord and .parquet (schema: pipeline/feature_records.py),
+          errors/errors-00000-of-00001.jsonl, manifest.json (written last).
+Exactly once: each input lands in one shard chosen by a hash of its key, shards are
+written atomically, and the new set is staged under FEATURES/.staging-<run>/ and
+swapped in only when complete, so --overwrite never leaves old and new shards mixed
+and a killed run leaves no manifest (rerun with --overwrite).
+Exit codes: 0 done; 2 bad flags or input; 3 too many inputs could not be encoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import json
+import uuid
+from collections.abc import Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import feature_records as fr
+from pipeline import models
+from preprocessing import images, records, sharding, sources, wire
+from preprocessing import job as preprocess_job
+from preprocessing import manifest as manifest_lib
+from preprocessing.errors import ArgumentParser, UserError
+from preprocessing.manifest import MANIFEST_NAME, join
+
+ERRORS_FILE = "errors/errors-00000-of-00001.jsonl"
+STAGING_PREFIX = ".staging-"
+FORMATS = ("tfrecord", "parquet")
+
+
+# ----------------------------------------------------------------------------
+# Sparsification: pure NumPy.
+# ----------------------------------------------------------------------------
+def parse_sparsify(text: str, rho: float) -> tuple[str, float]:
+    """'threshold:T' | 'topk:K' | 'none' | 'default' -> (kind, value)."""
+    if text == "default":
+        # A sparse unit is "on" for about rho of the inputs; keeping activations above rho
+        # keeps what is above the target mean and drops the near-zero bulk.
+        return "threshold", rho
+    kind, _, value = text.partition(":")
+    try:
+        if kind == "none" and not value:
+            return "none", 0.0
+        if kind == "threshold":
+            return "threshold", float(value)
+        if kind == "topk" and int(value) >= 1:
+            return "topk", int(value)
+    except ValueError:
+        pass
+    raise UserError(f"invalid --sparsify {text!r}: use threshold:T, topk:K (K >= 1) or none")
+
+
+def sparsify(acts: np.ndarray, kind: str, value: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """acts float [b, s] -> per row (indices int32 [k] ascending, values float32 [k])."""
+    if kind == "none":
+        keep = np.ones_like(acts, dtype=bool)
+    elif kind == "threshold":
+        keep = acts >= value
+    else:
+        k = min(int(value), acts.shape[1])
+        top = np.argpartition(-acts, k - 1, axis=1)[:, :k]
+        keep = np.zeros_like(acts, dtype=bool)
+        np.put_along_axis(keep, top, True, axis=1)
+    out = []
+    for row, mask in zip(acts, keep, strict=True):
+        idx = np.flatnonzero(mask).astype(np.int32)
+        out.append((idx, row[idx].astype(np.float32)))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Beam pieces.
+# ----------------------------------------------------------------------------
+def parse_input_record(element, shape, split_of_file: dict):
+    """(shard path, serialized Example) -> (key, pixels, label, split), or an error entry."""
+    path, serialized = element
+    try:
+        r = records.decode(serialized)
+    except Exception as e:  # noqa: BLE001 - a corrupt record is an error entry, not a crash
+        reason = f"record is not a valid example ({type(e).__name__}); rerun `sae preprocess`"
+        yield beam.pvalue.TaggedOutput("errors", {"uri": path, "reason": reason})
+        return
+    if r.image.shape != tuple(shape):
+        reason = (
+            f"image is {'x'.join(map(str, r.image.shape))} but the model takes "
+            f"{'x'.join(map(str, shape))}; use a model trained on this dataset"
+        )
+        yield beam.pvalue.TaggedOutput("errors", {"uri": r.key, "reason": reason})
+        return
+    yield r.key, r.image, r.label, split_of_file[path]
+
+
+def _from_decoded(example) -> tuple:
+    _, key, serialized, pixels = example
+    return key, pixels, records.decode(serialized).label, ""  # raw images have no split
+
+
+class Encode(beam.DoFn):
+    """Batches of (key, pixels, label, split) -> (key, serialized feature record) + 'stats'."""
+
+    def __init__(self, export_dir: str, kind: str, value: float):
+        self.export_dir, self.kind, self.value = export_dir, kind, value
+
+    def setup(self):
+        import tensorflow as tf
+
+        self._tf = tf
+        self._encode = tf.saved_model.load(self.export_dir).signatures["encode"]
+
+    def process(self, batch):
+        images = np.stack([b[1] for b in batch])
+        acts = self._encode(images=self._tf.constant(images))["activations"].numpy()
+        rows = sparsify(acts, self.kind, self.value)
+        for (key, _, label, split), (idx, vals) in zip(batch, rows, strict=True):
+            rec = fr.FeatureRecord(key, idx, vals, acts.shape[1], split, label)
+            yield key, fr.encode(rec)
+        nnz = np.array([len(idx) for idx, _ in rows])
+        kept = np.zeros_like(acts, dtype=np.int64)
+        for i, (idx, _) in enumerate(rows):
+            kept[i, idx] = 1
+        stats = (
+            len(batch),
+            np.bincount(nnz, minlength=acts.shape[1] + 1),
+            kept.sum(0),
+            acts.astype(np.float64).sum(0),
+        )
+        yield beam.pvalue.TaggedOutput("stats", stats)
+
+
+class SumStats(beam.CombineFn):
+    """Sums (count, nnz histogram [s+1], per-unit kept counts [s], activation sums [s])."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, x):
+        return x if acc is None else tuple(a + b for a, b in zip(acc, x, strict=True))
+
+    def merge_accumulators(self, accs):
+        acc = None
+        for a in accs:
+            if a is not None:
+                acc = self.add_input(acc, a)
+        return acc
+
+    def extract_output(self, acc):
+        return acc
+
+
+def write_feature_shard(
+    out: str, group: str, index: int, total: int, recs: list, formats: tuple[str, ...]
+) -> dict:
+    """A ShardWriter: sorted [(key, serialized feature record)] -> .tfrecord and/or .parquet."""
+    info = {"group": group, "index": index, "num_examples": len(recs)}
+    if "tfrecord" in formats:
+        path = sharding.shard_path(out, group, index, total, ".tfrecord")
+        sharding.write_atomically(path, (wire.tfrecord_frame(r) for _, r in recs))
+        info["tfrecord"] = path.rsplit("/", 1)[1]
+    if "parquet" in formats:
+        path = sharding.shard_path(out, group, index, total, ".parquet")
+        sharding.write_atomically(path, [fr.parquet_bytes([fr.decode(r) for _, r in recs])])
+        info["parquet"] = path.rsplit("/", 1)[1]
+    return info
+
+
+class Finalize(beam.DoFn):
+    """Once, after everything is staged: check counts, swap the staged set in, write the
+    manifest (the header element plus what was measured) last."""
+
+    def __init__(self, out: str, staging: str, max_error_fraction: float):
+        self.out, self.staging = out, staging
+        self.max_error_fraction = max_error_fraction
+
+    def process(self, header, shards, stats, num_inputs, num_errors):
+        written = sum(s["num_examples"] for s in shards)
+        if written + num_errors != num_inputs:
+            raise RuntimeError(f"accounting bug: {num_inputs} inputs != {written} + {num_errors}")
+        if num_inputs and num_errors / num_inputs > self.max_error_fraction:
+            # No manifest: the driver reports it; the staged set is left for inspection.
+            return []
+        dim = header["dim"]
+        count, hist, kept, act_sum = stats or (0, np.zeros(dim + 1), np.zeros(dim), np.zeros(dim))
+        rates = kept / max(count, 1)
+        mean_act = act_sum / max(count, 1)
+        dead = np.flatnonzero(mean_act < 0.1 * header["model_rho"]).tolist()
+        _swap_in(self.staging, self.out)
+        files = [k for k in ("tfrecord", "parquet") if k in header["formats"]]
+        shard_list = [
+            {**{k: s[k] for k in files}, "num_examples": s["num_examples"]}
+            for s in sorted(shards, key=lambda s: s["index"])
+        ]
+        manifest = {
+            **header,
+            "num_inputs": num_inputs,
+            "num_written": written,
+            "num_errors": num_errors,
+            "error_files": [ERRORS_FILE],
+            "l0": {
+                "mean": float((hist * np.arange(dim + 1)).sum() / max(count, 1)),
+                "histogram": [int(v) for v in hist],
+            },
+            "unit_firing_rate": [round(float(v), 6) for v in rates],
+            "unit_mean_activation": [round(float(v), 6) for v in mean_act],
+            "dead_units": dead,
+            "dead_fraction": len(dead) / dim,
+            "shards": shard_list,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "package_version": preprocess_job.package_version(),
+        }
+        sharding.write_atomically(
+            join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()]
+        )
+        return [manifest]
+
+
+def _swap_in(staging: str, out: str) -> None:
+    """Replaces what is in `out` (old set, stale staging dirs) by the staged files."""
+    old = [
+        m.path
+        for m in FileSystems.match([join(out, "**")])[0].metadata_list
+        if not m.path.startswith(staging + "/")
+    ]
+    old.sort(key=lambda p: not p.endswith("/" + MANIFEST_NAME))  # manifest first
+    if old:
+        FileSystems.delete(old)
+    staged = [m.path for m in FileSystems.match([join(staging, "**")])[0].metadata_list]
+    sharding.move(staged, [join(out, p[len(staging) + 1 :]) for p in staged])
+    with contextlib.suppress(OSError):  # local: the now empty folders; object stores: nothing
+        FileSystems.delete([staging])
+
+
+# ----------------------------------------------------------------------------
+# The job.
+# ----------------------------------------------------------------------------
+def make_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="sae extract",
+        description="Encode every input with a trained model and write sparse features "
+        "(TFRecord + Parquet). Unknown flags go to Apache Beam.",
+        epilog="Exit codes: 0 done; 2 bad flags or input; 3 too many inputs failed.",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="SRC",
+        help="a `sae preprocess` output, or raw images (folder, gs://, list file, "
+        "builtin:NAME) decoded as preprocessing does and resized to the model",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a `sae train` export dir, or a models root (uses its CURRENT version)",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="FEATURES",
+        help="output folder (local or gs://); must be empty unless --overwrite",
+    )
+    p.add_argument(
+        "--format",
+        default="tfrecord,parquet",
+        help="comma-separated: tfrecord, parquet (default: both)",
+    )
+    p.add_argument(
+        "--sparsify",
+        default="default",
+        help="threshold:T keeps activations >= T; topk:K keeps the K largest; none "
+        "keeps all (default: threshold at the model's rho)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="max examples per encode call (default: 256)"
+    )
+    p.add_argument(
+        "--split",
+        default="train,eval",
+        help="splits of a preprocessed dataset to encode (default: train,eval)",
+    )
+    p.add_argument(
+        "--aspect",
+        choices=("squash", "crop", "pad"),
+        default="crop",
+        help="raw images: how resizing to the model's input handles aspect ratio",
+    )
+    p.add_argument("--num-shards", type=int, help="feature shards (default: from the size)")
+    p.add_argument(
+        "--target-shard-mb",
+        type=float,
+        default=100.0,
+        help="target shard size in MB (default: 100)",
+    )
+    p.add_argument(
+        "--max-error-fraction",
+        type=float,
+        default=0.1,
+        help="fail (exit 3) if more than this share of inputs fails (default: 0.1)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing feature set (swapped in only when complete)",
+    )
+    p.add_argument("--verbose", action="store_true", help="show Beam's INFO logs")
+    return p
+
+
+def _check_output(out: str, overwrite: bool) -> None:
+    existing = FileSystems.match([join(out, "**")])[0].metadata_list
+    if existing and not overwrite:
+        raise UserError(
+            f"output {out} is not empty ({len(existing)} files); choose another --output or "
+            "pass --overwrite to replace it (the old set stays readable until the new one is "
+            "complete)"
+        )
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Runs the job; returns the features manifest."""
+    args, beam_args = make_parser().parse_known_args(argv)
+    preprocess_job.configure_logging(args.verbose)
+    from trainer import export as export_lib
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    if not formats or set(formats) - set(FORMATS):
+        raise UserError(f"invalid --format {args.format!r}: use tfrecord, parquet or both")
+    if args.batch_size < 1:
+        raise UserError(f"invalid --batch-size {args.batch_size}: expected >= 1")
+    export_dir, version = models.resolve(args.model)
+    info = export_lib.load_info(export_dir)
+    shape = tuple(info["image_shape"])
+    rho = float(info["config"]["rho"])
+    kind, value = parse_sparsify(args.sparsify, rho)
+    out = args.output.rstrip("/")
+    _check_output(out, args.overwrite)
+    staging = join(out, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+
+    is_dataset = FileSystems.exists(join(args.data, MANIFEST_NAME))
+    header = {
+        "format_version": fr.FORMAT_VERSION,
+        "kind": fr.KIND,
+        "model": args.model,
+        "model_export": export_dir,
+        "model_version": version,
+        "model_rho": rho,
+        "dim": int(info["config"]["hidden"]),
+        "sparsify": "none" if kind == "none" else f"{kind}:{value:g}",
+        "formats": list(formats),
+        "source": args.data,
+    }
+    options = PipelineOptions(preprocess_job.default_beam_args(beam_args))
+    print(f"extract: {args.data} -> {out} with {export_dir} ({header['sparsify']})", flush=True)
+    with beam.Pipeline(options=options) as p:
+        if is_dataset:
+            data = manifest_lib.load(args.data)
+            splits = [s.strip() for s in args.split.split(",") if s.strip()]
+            split_of = {path: s for s in splits for path in data.shard_paths(s)}
+            header["label_names"] = data.label_names
+            parsed = (
+                p
+                | "ShardPaths" >> beam.Create(sorted(split_of))
+                | "ReadRecords" >> beam.io.ReadAllFromTFRecord(with_filename=True)
+                | "Parse"
+                >> beam.FlatMap(parse_input_record, shape, split_of).with_outputs(
+                    "errors", main="examples"
+                )
+            )
+            examples, errors = parsed.examples, parsed.errors
+            num_inputs = (examples, errors) | "AllInputs" >> beam.Flatten()
+        else:
+            source = sources.parse(args.data)
+            opts = {
+                "resize": list(shape[:2]),
+                "aspect": args.aspect,
+                "patches": None,
+                "seed": 0,
+                "eval_fraction": 0.0,
+                "max_pixels": images.MAX_PIXELS,
+            }
+            decoded = preprocess_job.read_and_decode(
+                p, source, shape, opts, sources.label_names(source)
+            )
+            examples = decoded.examples | "FromDecoded" >> beam.Map(_from_decoded)
+            errors = decoded.errors
+            num_inputs = decoded.items
+            header["label_names"] = None  # filled below from the decoded labels
+        encoded = (
+            examples
+            | "Batch"
+            >> beam.BatchElements(
+                min_batch_size=min(32, args.batch_size), max_batch_size=args.batch_size
+            )
+            | "Encode"
+            >> beam.ParDo(Encode(export_dir, kind, value)).with_outputs("stats", main="features")
+        )
+        count = num_inputs | "CountInputs" >> beam.combiners.Count.Globally()
+        # Sized for the dense worst case (every unit kept): ~6 bytes per unit plus the key.
+        row_bytes = 6 * header["dim"] + 100
+        num_shards = count | "NumShards" >> beam.Map(
+            lambda n: {
+                "features": sharding.num_shards_for(
+                    n, n * row_bytes, args.target_shard_mb, args.num_shards
+                )
+            }
+        )
+        writer = functools.partial(write_feature_shard, formats=formats)
+        sharded = (
+            encoded.features
+            | "AsGroup" >> beam.Map(lambda kv: ("features", kv[0], kv[1]))
+            | "WriteShards" >> sharding.WriteShards(staging, writer, num_shards)
+        )
+        num_errors = errors | "WriteErrors" >> sharding.WriteErrors(join(staging, ERRORS_FILE))
+        stats = encoded.stats | "Stats" >> beam.CombineGlobally(SumStats())
+        si = beam.pvalue.AsSingleton
+        if not is_dataset:
+            header_pc = decoded.labels | "Header" >> beam.Map(
+                lambda names: {**header, "label_names": names}
+            )
+        else:
+            header_pc = p | "Header" >> beam.Create([header])
+        _ = header_pc | "Finalize" >> beam.ParDo(
+            Finalize(out, staging, args.max_error_fraction),
+            beam.pvalue.AsList(sharded.shards),
+            si(stats),
+            si(count),
+            si(num_errors),
+        )
+    return _report(out, staging)
+
+
+def _report(out: str, staging: str) -> dict:
+    path = join(out, MANIFEST_NAME)
+    if not FileSystems.exists(path):
+        errors = join(staging, ERRORS_FILE)
+        raise UserError(
+            f"too many inputs could not be encoded (over --max-error-fraction); reasons in "
+            f"{errors}; no manifest was written",
+            exit_code=preprocess_job.EXIT_TOO_MANY_ERRORS,
+        )
+    with FileSystems.open(path) as f:
+        m = json.load(f)
+    print(
+        f"extract: {m['num_inputs']} inputs -> {m['num_written']} feature rows in "
+        f"{len(m['shards'])} shards, {m['num_errors']} errors; mean nonzeros "
+        f"{m['l0']['mean']:.2f} of {m['dim']}, {len(m['dead_units'])} dead units",
+        flush=True,
+    )
+    print(f"extract: wrote {path}", flush=True)
+    return m
