@@ -107,13 +107,14 @@ def parse_input_record(element, shape, split_of_file: dict):
     yield r.key, r.image, r.label, split_of_file[path]
 
 
-def _from_decoded(example) -> tuple:
-    _, key, serialized, pixels = example
-    return key, pixels, records.decode(serialized).label, ""  # raw images have no split
+def _from_decoded(batch: list) -> list[tuple]:
+    """Decoded raw images -> encode inputs; raw images have no split."""
+    return [(key, pixels, records.decode(ser).label, "") for _, key, ser, pixels in batch]
 
 
 class Encode(beam.DoFn):
-    """Batches of (key, pixels, label, split) -> (key, serialized feature record) + 'stats'."""
+    """A batch of (key, pixels, label, split) -> one list of ("features", key, serialized
+    feature record), plus partial statistics to 'stats'."""
 
     def __init__(self, export_dir: str, kind: str, value: float):
         self.export_dir, self.kind, self.value = export_dir, kind, value
@@ -128,9 +129,14 @@ class Encode(beam.DoFn):
         images = np.stack([b[1] for b in batch])
         acts = self._encode(images=self._tf.constant(images))["activations"].numpy()
         rows = sparsify(acts, self.kind, self.value)
-        for (key, _, label, split), (idx, vals) in zip(batch, rows, strict=True):
-            rec = fr.FeatureRecord(key, idx, vals, acts.shape[1], split, label)
-            yield key, fr.encode(rec)
+        yield [
+            (
+                "features",
+                key,
+                fr.encode(fr.FeatureRecord(key, idx, vals, acts.shape[1], split, label)),
+            )
+            for (key, _, label, split), (idx, vals) in zip(batch, rows, strict=True)
+        ]
         nnz = np.array([len(idx) for idx, _ in rows])
         kept = np.zeros_like(acts, dtype=np.int64)
         for i, (idx, _) in enumerate(rows):
@@ -381,8 +387,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
                     "errors", main="examples"
                 )
             )
-            examples, errors = parsed.examples, parsed.errors
-            num_inputs = (examples, errors) | "AllInputs" >> beam.Flatten()
+            errors = parsed.errors
+            batches = parsed.examples | "Batch" >> beam.BatchElements(
+                min_batch_size=min(32, args.batch_size), max_batch_size=args.batch_size
+            )
+            count = (
+                (parsed.examples, errors)
+                | "AllInputs" >> beam.Flatten()
+                | "CountInputs" >> beam.combiners.Count.Globally()
+            )
         else:
             source = sources.parse(args.data)
             opts = {
@@ -396,20 +409,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
             decoded = preprocess_job.read_and_decode(
                 p, source, shape, opts, sources.label_names(source)
             )
-            examples = decoded.examples | "FromDecoded" >> beam.Map(_from_decoded)
+            # Decoded batches (<= 256 images) are the encode batches.
+            batches = decoded.examples | "FromDecoded" >> beam.Map(_from_decoded)
             errors = decoded.errors
-            num_inputs = decoded.items
+            count = preprocess_job.count_batched(decoded.items, "CountInputs")
             header["label_names"] = None  # filled below from the decoded labels
-        encoded = (
-            examples
-            | "Batch"
-            >> beam.BatchElements(
-                min_batch_size=min(32, args.batch_size), max_batch_size=args.batch_size
-            )
-            | "Encode"
-            >> beam.ParDo(Encode(export_dir, kind, value)).with_outputs("stats", main="features")
+        encoded = batches | "Encode" >> beam.ParDo(Encode(export_dir, kind, value)).with_outputs(
+            "stats", main="features"
         )
-        count = num_inputs | "CountInputs" >> beam.combiners.Count.Globally()
         # Sized for the dense worst case (every unit kept): ~6 bytes per unit plus the key.
         row_bytes = 6 * header["dim"] + 100
         num_shards = count | "NumShards" >> beam.Map(
@@ -420,10 +427,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
             }
         )
         writer = functools.partial(write_feature_shard, formats=formats)
-        sharded = (
-            encoded.features
-            | "AsGroup" >> beam.Map(lambda kv: ("features", kv[0], kv[1]))
-            | "WriteShards" >> sharding.WriteShards(staging, writer, num_shards)
+        sharded = encoded.features | "WriteShards" >> sharding.WriteShards(
+            staging, writer, num_shards
         )
         num_errors = errors | "WriteErrors" >> sharding.WriteErrors(join(staging, ERRORS_FILE))
         stats = encoded.stats | "Stats" >> beam.CombineGlobally(SumStats())

@@ -187,29 +187,41 @@ def _to_pil(pixels: np.ndarray):
     return Image.fromarray(arr)
 
 
-class ToExamples(beam.DoFn):
-    """Item -> (split, key, serialized Example, pixels) per example; rejects -> 'errors'.
+class DecodeBatch(beam.DoFn):
+    """list[Item] -> list[(split, key, serialized Example, pixels)]; rejects -> 'errors'.
 
-    Also emits one element to 'accepted' per input that produced examples, so the
-    final step can check that every input was accounted for.
+    Also emits, per batch, the number of inputs that produced examples ('accepted', so
+    the final step can check that every input was accounted for) and the train pixels'
+    partial sums ('stats').
     """
 
     def __init__(self, shape: tuple[int, int, int], opts: dict):
         self.shape = shape
         self.opts = opts
 
-    def process(self, item: sources.Item, label_names: list[str]):
-        try:
-            examples = list(self._examples(item, label_names))
-        except images.ImageError as e:
-            yield beam.pvalue.TaggedOutput("errors", {"uri": item.uri, "reason": str(e)})
-            return
-        except Exception as e:  # noqa: BLE001 - one odd file must not kill the job
-            reason = f"internal error ({type(e).__name__}: {e}); please report this file"
-            yield beam.pvalue.TaggedOutput("errors", {"uri": item.uri, "reason": reason})
-            return
-        yield beam.pvalue.TaggedOutput("accepted", 1)
-        yield from examples
+    def process(self, batch: list[sources.Item], label_names: list[str]):
+        examples, accepted, stats = [], 0, PixelStats()
+        acc = stats.create_accumulator()
+        for item in batch:
+            try:
+                produced = list(self._examples(item, label_names))
+            except images.ImageError as e:
+                yield beam.pvalue.TaggedOutput("errors", {"uri": item.uri, "reason": str(e)})
+                continue
+            except Exception as e:  # noqa: BLE001 - one odd file must not kill the job
+                reason = f"internal error ({type(e).__name__}: {e}); please report this file"
+                yield beam.pvalue.TaggedOutput("errors", {"uri": item.uri, "reason": reason})
+                continue
+            accepted += 1
+            examples += produced
+            for ex in produced:
+                if ex[0] == "train":
+                    acc = stats.add_input(acc, stats.sums(ex[3]))
+        yield beam.pvalue.TaggedOutput("accepted", accepted)
+        if acc is not None:
+            yield beam.pvalue.TaggedOutput("stats", acc)
+        if examples:
+            yield examples
 
     def _examples(self, item: sources.Item, label_names: list[str]):
         o = self.opts
@@ -247,21 +259,25 @@ class ToExamples(beam.DoFn):
 
 
 class PixelStats(beam.CombineFn):
-    """Per-channel mean and std of pixel values (0..255) in float64."""
+    """Per-channel mean and std of pixel values (0..255) in float64.
+
+    Inputs and accumulators are partial sums (sum [C], sum of squares [C], pixel count),
+    one per batch (see `sums`), or None.
+    """
+
+    @staticmethod
+    def sums(pixels: np.ndarray) -> tuple:
+        p = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64)
+        return p.sum(0), (p * p).sum(0), p.shape[0]
 
     def create_accumulator(self):
         return None
 
-    def add_input(self, acc, pixels: np.ndarray):
-        p = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64)
-        new = (p.sum(0), (p * p).sum(0), p.shape[0])
-        return new if acc is None else (acc[0] + new[0], acc[1] + new[1], acc[2] + new[2])
+    def add_input(self, acc, partial):
+        return self.merge_accumulators([acc, partial])
 
     def merge_accumulators(self, accs):
-        return self.add_accumulators([a for a in accs if a is not None])
-
-    @staticmethod
-    def add_accumulators(accs):
+        accs = [a for a in accs if a is not None]
         if not accs:
             return None
         return (sum(a[0] for a in accs), sum(a[1] for a in accs), sum(a[2] for a in accs))
@@ -386,11 +402,12 @@ def _sorted_labels(labels: list[str]) -> list[str]:
 
 
 class Decoded(NamedTuple):
-    items: beam.PCollection  # every input (sources.Item)
+    items: beam.PCollection  # batches of inputs (list[sources.Item])
     labels: beam.PCollection  # singleton: the label names, in index order
-    examples: beam.PCollection  # (split, key, serialized Example, pixels uint8 [H, W, C])
+    examples: beam.PCollection  # batches: list[(split, key, serialized Example, pixels)]
     errors: beam.PCollection  # {"uri", "reason"} per rejected input
-    accepted: beam.PCollection  # one element per input that produced examples
+    accepted: beam.PCollection  # per batch, the number of inputs that produced examples
+    stats: beam.PCollection  # per batch, PixelStats partial sums of the train pixels
 
 
 def read_and_decode(
@@ -403,15 +420,20 @@ def read_and_decode(
     else:
         labels = (
             items
-            | "LabelOf" >> beam.FlatMap(lambda it: [it.label] if it.label is not None else [])
+            | "LabelOf" >> beam.FlatMap(lambda b: [it.label for it in b if it.label is not None])
             | "DistinctLabels" >> beam.Distinct()
             | "CollectLabels" >> beam.combiners.ToList()
             | "SortLabels" >> beam.Map(_sorted_labels)
         )
     decoded = items | "Decode" >> beam.ParDo(
-        ToExamples(shape, opts), beam.pvalue.AsSingleton(labels)
-    ).with_outputs("errors", "accepted", main="examples")
-    return Decoded(items, labels, decoded.examples, decoded.errors, decoded.accepted)
+        DecodeBatch(shape, opts), beam.pvalue.AsSingleton(labels)
+    ).with_outputs("errors", "accepted", "stats", main="examples")
+    return Decoded(items, labels, decoded.examples, decoded.errors, decoded.accepted, decoded.stats)
+
+
+def count_batched(batches: beam.PCollection, label: str) -> beam.PCollection:
+    """Singleton: the number of elements in a PCollection of lists."""
+    return batches | label >> (beam.Map(len) | beam.CombineGlobally(sum))
 
 
 def build(
@@ -426,23 +448,18 @@ def build(
     decoded = read_and_decode(p, source, shape, opts, declared_labels)
     items = decoded.items
     labels_si = beam.pvalue.AsSingleton(decoded.labels)
-    examples = decoded.examples
-    stats = (
-        examples
-        | "TrainPixels" >> beam.FlatMap(lambda e: [e[3]] if e[0] == "train" else [])
-        | "PixelStats" >> beam.CombineGlobally(PixelStats())
-    )
-    num_inputs = items | "CountInputs" >> beam.combiners.Count.Globally()
+    stats = decoded.stats | "PixelStats" >> beam.CombineGlobally(PixelStats())
+    num_inputs = count_batched(items, "CountInputs")
     # Decided from the input count, before decoding, so shards are written as examples come.
     num_shards = num_inputs | "NumShards" >> beam.Map(shard_counts, shape, opts)
     writer = functools.partial(write_tfrecord_shard, compression=opts["compression"])
     sharded = (
-        examples
-        | "DropPixels" >> beam.Map(lambda e: e[:3])
+        decoded.examples
+        | "DropPixels" >> beam.Map(lambda batch: [e[:3] for e in batch])
         | "WriteShards" >> sharding.WriteShards(out, writer, num_shards)
     )
     num_errors = decoded.errors | "WriteErrors" >> sharding.WriteErrors(join(out, ERRORS_FILE))
-    num_accepted = decoded.accepted | "CountAccepted" >> beam.combiners.Count.Globally()
+    num_accepted = decoded.accepted | "CountAccepted" >> beam.CombineGlobally(sum)
     si = beam.pvalue.AsSingleton
     _ = (
         p

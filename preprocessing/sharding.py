@@ -71,12 +71,22 @@ def num_shards_for(count: int, nbytes: int, target_mb: float, fixed: int | None 
     return max(1, by_size, min(10, count // MIN_ELEMENTS_PER_SHARD))
 
 
-def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
-    """(count, bytes) pairs -> their element-wise sum."""
-    n = b = 0
-    for count, nbytes in pairs:
-        n, b = n + count, b + nbytes
-    return n, b
+def _batch_counts(batch: list) -> dict[str, tuple[int, int]]:
+    """{group: (elements, payload bytes)} of one batch of (group, key, payload)."""
+    counts: dict[str, tuple[int, int]] = {}
+    for group, _, payload in batch:
+        n, b = counts.get(group, (0, 0))
+        counts[group] = (n + 1, b + len(payload))
+    return counts
+
+
+def _merge_counts(dicts: Iterable[dict]) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for d in dicts:
+        for group, (n, b) in d.items():
+            n0, b0 = out.get(group, (0, 0))
+            out[group] = (n0 + n, b0 + b)
+    return out
 
 
 # write(out, group, index, total, sorted [(key, payload)]) -> shard info dict.
@@ -105,16 +115,16 @@ class _WriteParts(beam.DoFn):
     def start_bundle(self):
         self.open: dict[tuple[str, int], list] = {}
 
-    def process(self, element, num_shards: dict):
-        group, key, payload = element
-        shard = shard_of(key, num_shards[group])
-        entry = self.open.get((group, shard))
-        if entry is None:
-            path = join(self.parts_dir, f"{group}-{shard:05d}-{uuid.uuid4().hex}.part")
-            entry = self.open[(group, shard)] = [path, FileSystems.create(path), 0]
-        kb = key.encode("utf-8")
-        entry[1].write(_PART_HEADER.pack(len(kb), len(payload)) + kb + payload)
-        entry[2] += 1
+    def process(self, batch: list, num_shards: dict):
+        for group, key, payload in batch:
+            shard = shard_of(key, num_shards[group])
+            entry = self.open.get((group, shard))
+            if entry is None:
+                path = join(self.parts_dir, f"{group}-{shard:05d}-{uuid.uuid4().hex}.part")
+                entry = self.open[(group, shard)] = [path, FileSystems.create(path), 0]
+            kb = key.encode("utf-8")
+            entry[1].write(_PART_HEADER.pack(len(kb), len(payload)) + kb + payload)
+            entry[2] += 1
 
     def finish_bundle(self):
         for (group, shard), (path, f, n) in self.open.items():
@@ -136,7 +146,7 @@ def _read_part(path: str) -> list[tuple[str, bytes]]:
 
 
 class WriteShards(beam.PTransform):
-    """PCollection[(group, key, payload: bytes)] -> Sharded.
+    """PCollection[list[(group, key, payload: bytes)]] (batches) -> Sharded.
 
     num_shards: a singleton PCollection {group: shard count}, decided up front (from the
     input count) so that elements can be written as they are produced.
@@ -152,9 +162,8 @@ class WriteShards(beam.PTransform):
         num_shards = beam.pvalue.AsSingleton(self.num_shards)
         counts = (
             elements
-            | "SizeOf" >> beam.Map(lambda e: (e[0], (1, len(e[2]))))
-            | "CountPerGroup" >> beam.CombinePerKey(_sum_pairs)
-            | "CountsDict" >> beam.combiners.ToDict()
+            | "CountBatch" >> beam.Map(_batch_counts)
+            | "SumCounts" >> beam.CombineGlobally(_merge_counts)
         )
 
         def merge(element, n):

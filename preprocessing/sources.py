@@ -109,8 +109,15 @@ def _parse_list_line(list_uri: str, line: str) -> list[Item]:
     return [Item(key=uri, uri=uri, rel=entry, label=label)]
 
 
+BATCH = {"min_batch_size": 16, "max_batch_size": 256}
+
+
 class ReadSource(beam.PTransform):
-    """PBegin -> PCollection[Item], one per input image."""
+    """PBegin -> PCollection[list[Item]]: every input once, in batches.
+
+    Batches amortize Beam's per-element cost, which dominates for small images; the
+    Reshuffle spreads them (and the expensive reads and decodes) over all workers.
+    """
 
     def __init__(self, source: Source):
         super().__init__()
@@ -121,10 +128,12 @@ class ReadSource(beam.PTransform):
         if s.kind == "builtin":
             images, _ = builtin.load(s.spec)
             items = [Item(im.key, im.key, im.key, im.label, im.pixels) for im in images]
-            return pbegin | "CreateBuiltin" >> beam.Create(items, reshuffle=False)
+            size = BATCH["max_batch_size"]
+            batches = [items[i : i + size] for i in range(0, len(items), size)]
+            return pbegin | "CreateBuiltin" >> beam.Create(batches)
         if s.kind == "tfds":
-            return pbegin | "ReadTfds" >> _ReadTfds(s)
-        if s.kind == "list":
+            items = pbegin | "ReadTfds" >> _ReadTfds(s)
+        elif s.kind == "list":
             lines = pbegin | "ReadList" >> beam.io.ReadFromText(s.spec)
             items = lines | "ParseList" >> beam.FlatMap(
                 lambda ln, u=s.spec: _parse_list_line(u, ln)
@@ -135,8 +144,7 @@ class ReadSource(beam.PTransform):
                 | "MatchFiles" >> fileio.MatchFiles(s.spec)
                 | "ToItems" >> beam.Map(lambda m, r=s.root: _file_item(r, m.path))
             )
-        # Listing happens on few workers; spread the (expensive) reads over all of them.
-        return items | "Spread" >> beam.Reshuffle()
+        return items | "Batch" >> beam.BatchElements(**BATCH) | "Spread" >> beam.Reshuffle()
 
 
 def tfds_builder(source: Source):
