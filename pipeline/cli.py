@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("preprocessing.job", "images -> sharded TFRecords + manifest (Apache Beam)"),
     "train": ("trainer.train", "train a KL-sparse autoencoder (tf.data + tf.distribute)"),
     "extract": ("pipeline.extract", "sparse features for every input -> TFRecord + Parquet (Beam)"),
+    "evaluate-features": ("pipeline.probe", "linear probe: sparse features vs pixels vs PCA"),
     "datasets": ("preprocessing.datasets_cli", "list or export the built-in datasets"),
 }
 

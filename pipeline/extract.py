@@ -246,6 +246,11 @@ def _swap_in(staging: str, out: str) -> None:
     old.sort(key=lambda p: not p.endswith("/" + MANIFEST_NAME))  # manifest first
     if old:
         FileSystems.delete(old)
+    # Folders of killed runs' staging areas (local filesystems keep empty folders).
+    for stale in {p[len(out) + 1 :].split("/")[0] for p in old}:
+        if stale.startswith(STAGING_PREFIX):
+            with contextlib.suppress(OSError):
+                FileSystems.delete([join(out, stale)])
     staged = [m.path for m in FileSystems.match([join(staging, "**")])[0].metadata_list]
     sharding.move(staged, [join(out, p[len(staging) + 1 :]) for p in staged])
     with contextlib.suppress(OSError):  # local: the now empty folders; object stores: nothing
@@ -375,6 +380,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
     with beam.Pipeline(options=options) as p:
         if is_dataset:
             data = manifest_lib.load(args.data)
+            if data.image_shape != shape:
+                raise UserError(
+                    f"dataset {args.data} holds {'x'.join(map(str, data.image_shape))} images "
+                    f"but the model at {export_dir} takes {'x'.join(map(str, shape))}; use a "
+                    "model trained on this dataset, or raw images (they are resized)"
+                )
             splits = [s.strip() for s in args.split.split(",") if s.strip()]
             split_of = {path: s for s in splits for path in data.shard_paths(s)}
             header["label_names"] = data.label_names

@@ -328,7 +328,10 @@ class _ForwardHandler(http.server.BaseHTTPRequestHandler):
         body = self._read_body()
         log.debug("forward %s %s %s", self.command, self.path, dict(self.headers.items()))
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers["Host"] = self.tunnel_host
+        # The emulator builds the links it stores with objects (mediaLink) from Host: its
+        # own address, so clients that talk to it directly can follow them too.
+        base = "http://{}:{}".format(*self.emulator)
+        headers["Host"] = base[len("http://") :]
         if body is not None or self.command in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = str(len(body or b""))
         conn = http.client.HTTPConnection(*self.emulator, timeout=120)
@@ -352,9 +355,8 @@ class _ForwardHandler(http.server.BaseHTTPRequestHandler):
             if key.lower() in _HOP_BY_HOP:
                 continue
             if key.lower() == "location":
-                # The emulator builds resumable-session URLs from the Host header
-                # with an http scheme; the client must come back through TLS.
-                value = value.replace(f"http://{self.tunnel_host}", f"https://{self.tunnel_host}")
+                # Resumable-session URLs: TensorFlow must come back through the proxy.
+                value = value.replace(base, f"https://{self.tunnel_host}")
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -388,7 +390,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         try:
             _ForwardHandler(
-                tls, self.client_address, self.server, tunnel_host=host,
+                tls,
+                self.client_address,
+                self.server,
+                tunnel_host=host,
                 emulator=self.server.emulator,
             )
         except (ssl.SSLError, OSError) as err:
@@ -492,9 +497,15 @@ def write_tls_material(directory: Path) -> tuple[Path, Path, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -524,14 +535,14 @@ def write_tls_material(directory: Path) -> tuple[Path, Path, Path]:
 
     pem = serialization.Encoding.PEM
     ca_path, chain_path, key_path = (
-        directory / "ca.pem", directory / "server-chain.pem", directory / "server-key.pem"
+        directory / "ca.pem",
+        directory / "server-chain.pem",
+        directory / "server-key.pem",
     )
     ca_path.write_bytes(ca_cert.public_bytes(pem))
     chain_path.write_bytes(cert.public_bytes(pem) + ca_cert.public_bytes(pem))
     key_path.write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     key_path.chmod(0o600)
     return ca_path, chain_path, key_path
@@ -568,17 +579,29 @@ class GcsEmulator:
         self._write_credentials()
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         cmd = [
-            self.python, str(Path(__file__).resolve()), "serve",
-            "--host", HOST, "--cert", str(chain), "--key", str(key),
+            self.python,
+            str(Path(__file__).resolve()),
+            "serve",
+            "--host",
+            HOST,
+            "--cert",
+            str(chain),
+            "--key",
+            str(key),
         ] + (["--verbose"] if self.verbose else [])
         # The child must not inherit proxy settings pointing at itself.
         env = {
-            k: v for k, v in os.environ.items()
+            k: v
+            for k, v in os.environ.items()
             if k.lower() not in ("https_proxy", "http_proxy", "all_proxy")
         }
         self.process = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_file,
-            env=env, cwd=self.workdir,
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+            env=env,
+            cwd=self.workdir,
         )
         self._timeout = timeout
         deadline = time.monotonic() + timeout
@@ -610,7 +633,7 @@ class GcsEmulator:
         line = buffered.split(b"\n", 1)[0].decode("utf-8", "replace")
         if not line.startswith(_READY):
             self._fail(f"printed an unexpected line: {line!r}")
-        return json.loads(line[len(_READY):])
+        return json.loads(line[len(_READY) :])
 
     def _wait_until_answering(self, deadline: float) -> None:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -695,8 +718,9 @@ class GcsEmulator:
         if self.emulator_port is None:
             raise RuntimeError("emulator not started")
         no_proxy = ",".join(
-            filter(None, [os.environ.get("no_proxy") or os.environ.get("NO_PROXY"), HOST,
-                          "localhost"])
+            filter(
+                None, [os.environ.get("no_proxy") or os.environ.get("NO_PROXY"), HOST, "localhost"]
+            )
         )
         proxy = f"http://{HOST}:{self.proxy_port}"
         return {
