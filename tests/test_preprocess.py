@@ -318,3 +318,43 @@ def test_tfds_source_prepared_offline(tmp_path):
                 *FAST,
             ]
         )
+
+
+def test_split_and_patches_do_not_depend_on_where_the_collection_lives(tmp_path):
+    for root in ("a/src", "b/elsewhere/src"):
+        gen = np.random.default_rng(9)  # same files in both places
+        for i in range(40):
+            path = tmp_path / root / f"c{i % 2}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image_bytes(gen.integers(0, 255, (12, 12), np.uint8), "PNG"))
+    runs = {}
+    for root in ("a/src", "b/elsewhere/src"):
+        out = str(tmp_path / root) + "-out"
+        job.run(
+            [
+                "--input",
+                str(tmp_path / root),
+                "--output",
+                out,
+                "--patches",
+                "2",
+                "--patch-size",
+                "4",
+                "--eval-fraction",
+                "0.3",
+                *FAST,
+            ]
+        )
+        runs[root] = {
+            split: {
+                (
+                    Path(r.key.split("#")[0]).relative_to(tmp_path / root).as_posix(),
+                    r.key.split("#")[1],
+                    r.image.tobytes(),
+                )
+                for r in read_split(out, split)
+            }
+            for split in job.SPLITS
+        }
+    assert runs["a/src"] == runs["b/elsewhere/src"]
+    assert runs["a/src"]["eval"] and runs["a/src"]["train"]
