@@ -130,14 +130,31 @@ def steps_per_epoch(manifest: Manifest, global_batch_size: int, configured: int)
     return configured or max(1, manifest.num_examples("train") // global_batch_size)
 
 
-def check_readable(manifest: Manifest) -> None:
-    """Reads one record of every shard: a missing or corrupt shard is a clear error up front."""
+def error_reason(e: tf.errors.OpError) -> str:
+    """The cause line of a TensorFlow op error, e.g. "corrupted record at 1234".
+
+    Drops what graph execution wraps around it ("Graph execution error:", "Detected at
+    node ...", stack lines, {{function_node ...}} and [Op:...] tags).
+    """
+    import re
+
+    text = re.sub(r"\{\{[^}]*\}\}|\[\[[^\]]*\]\]|\[Op:[^\]]*\]|\s*name: $", "", e.message)
+    skip = ("Graph execution error", "Detected at node", "File ")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(skip)]
+    return lines[-1] if lines else type(e).__name__
+
+
+def check_readable(manifest: Manifest, whole: bool = False) -> None:
+    """Reads the first record (or with `whole`, every record) of every shard.
+
+    A missing or corrupt shard becomes a clear error naming it, up front.
+    """
     for split in ("train", "eval"):
         for path in manifest.shard_paths(split):
+            ds = tf.data.TFRecordDataset(path, compression_type=manifest.compression or "")
             try:
-                for _ in tf.data.TFRecordDataset(
-                    path, compression_type=manifest.compression or ""
-                ).take(1):
+                for _ in ds if whole else ds.take(1):
                     pass
             except (
                 tf.errors.DataLossError,
@@ -146,5 +163,5 @@ def check_readable(manifest: Manifest) -> None:
             ) as e:
                 raise UserError(
                     f"shard {path} of dataset {manifest.root} is unreadable "
-                    f"({type(e).__name__}: {e.message.splitlines()[0]}); rerun `sae preprocess`"
+                    f"({type(e).__name__}: {error_reason(e)}); rerun `sae preprocess`"
                 ) from None

@@ -121,9 +121,19 @@ def _callbacks(model, manager, every: int, tb_dir: str | None):
     callbacks = [Checkpoints()]
     if tb_dir:
         writer = tf.summary.create_file_writer(join(tb_dir, "units"))
+        every_n = max(1, every // 10) if every else 0
 
-        class UnitPictures(keras.callbacks.Callback):
-            """After each epoch's validation: the eval rho_hat histogram and the filter grid."""
+        class StepSummaries(keras.callbacks.Callback):
+            """Batch scalars every `every_n` steps; after each epoch's validation, the eval
+            rho_hat histogram and the filter grid. All at the optimizer step, so a resumed run
+            continues its curves (Keras's batch counter restarts at 0 in every `fit`)."""
+
+            def on_train_batch_end(self, batch, logs=None):
+                step = int(model.optimizer.iterations.numpy())
+                if every_n and step % every_n == 0 and logs:
+                    with writer.as_default(step=step):
+                        for name, value in logs.items():
+                            tf.summary.scalar(f"batch_{name}", value)
 
             def on_epoch_end(self, epoch, logs=None):
                 step = int(model.optimizer.iterations.numpy())
@@ -133,8 +143,10 @@ def _callbacks(model, manager, every: int, tb_dir: str | None):
                     tf.summary.image("filters", grid[None])
                 writer.flush()
 
-        every_n = max(1, every // 10) if every else "epoch"
-        callbacks += [keras.callbacks.TensorBoard(tb_dir, update_freq=every_n), UnitPictures()]
+        # update_freq="epoch": with an integer, Keras (3.15) leaves `record_if(its batch counter
+        # % update_freq == 0)` active for every writer, which silently dropped most epoch
+        # summaries (its own and ours) whenever an epoch did not end on such a batch.
+        callbacks += [keras.callbacks.TensorBoard(tb_dir, update_freq="epoch"), StepSummaries()]
     return callbacks
 
 
@@ -242,15 +254,18 @@ def run(argv: Sequence[str] | None = None) -> dict:
     except tf.errors.InvalidArgumentError as e:
         if "sparse autoencoder loss" not in e.message:
             raise
+        kept = tf.train.latest_checkpoint(join(workdir, "checkpoints"))
         raise UserError(
             f"the loss became NaN/Inf near step {int(model.optimizer.iterations.numpy())}; "
-            f"the last good checkpoint is kept in {join(workdir, 'checkpoints')}; "
-            "lower learning_rate (--set learning_rate=...) and rerun with a new --workdir",
+            + (f"the last good checkpoint is kept: {kept}" if kept else "no checkpoint was saved")
+            + "; lower learning_rate (--set learning_rate=...) and rerun with a new --workdir",
             exit_code=EXIT_NAN,
         ) from None
     except tf.errors.DataLossError as e:
+        # The op's message names no file: read the shards to the end to name the bad one.
+        data.check_readable(manifest, whole=True)
         raise UserError(
-            f"a shard of {manifest.root} is corrupt ({e.message.splitlines()[0]}); "
+            f"a shard of {manifest.root} is corrupt ({data.error_reason(e)}); "
             "rerun `sae preprocess` for this dataset"
         ) from None
     finally:

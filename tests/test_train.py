@@ -1,0 +1,585 @@
+"""End-to-end tests of `sae train` on the built-in digits, in real processes.
+
+Training runs as `python -m pipeline.cli train ...` subprocesses wherever the process
+matters (signals, exit codes, TF device set-up, TF_CONFIG); TensorFlow's device
+configuration is process-global, so nothing here splits the CPU in the test process.
+Flag and config errors, which fail before any training, run `pipeline.cli.main` in-process.
+
+The runs share one config, RUN (the digits preset with its size pinned here, so that a
+preset change does not silently change what these tests prove); SHORT is a 2-epoch
+variant for the distributed tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from preprocessing import job, manifest, records
+
+SAE_TRAIN = [sys.executable, "-m", "pipeline.cli", "train"]
+# 30 Keras epochs of 10 steps: the Keras epoch (10) differs from a pass over the train split
+# (1615 // 128 = 12 steps), so resuming exercises the general data-order case. Checkpoints
+# come at every epoch end and every 30 steps; per-step TensorBoard scalars every 30 // 10 = 3
+# steps, which does not divide the epoch (the case where epoch summaries used to be dropped).
+RUN = ["--preset", "digits", "--set", "epochs=30", "--set", "steps_per_epoch=10",
+       "--set", "checkpoint_every_steps=30", "--set", "global_batch_size=128"]  # fmt: skip
+SHORT = ["--preset", "digits", "--set", "epochs=2", "--set", "steps_per_epoch=0",
+         "--set", "checkpoint_every_steps=5", "--set", "global_batch_size=128"]  # fmt: skip
+TIMEOUT = 300  # seconds per training process: generous, the machine is shared
+
+
+# ----------------------------------------------------------------------------
+# Helpers.
+# ----------------------------------------------------------------------------
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    return env
+
+
+def _train_args(data: str | Path, workdir: str | Path, *args: str) -> list[str]:
+    return [*SAE_TRAIN, "--data", str(data), "--workdir", str(workdir), "--verbose", "0", *args]
+
+
+def _train(data, workdir, *args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _train_args(data, workdir, *args),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env or _env(),
+    )
+
+
+def _start(data, workdir, *args: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        _train_args(data, workdir, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or _env(),
+    )
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[tuple[str, str]]:
+    """Waits for all; on a timeout kills every one of them (a hung collective fails the test)."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def _ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _fingerprint(stdout: str) -> str:
+    found = re.findall(r"weights fingerprint (\w+)", stdout)
+    assert len(found) == 1, stdout
+    return found[0]
+
+
+def _checkpoint_step(workdir: Path) -> int:
+    latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+    return int(latest.rsplit("-", 1)[1]) if latest else 0
+
+
+def _wait_for_checkpoint(workdir: Path, min_step: int, proc: subprocess.Popen) -> int:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        step = _checkpoint_step(workdir)
+        if step >= min_step:
+            return step
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training ended (exit {proc.returncode}) before step {min_step}\n{err}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no checkpoint at step >= {min_step} within {TIMEOUT} s")
+
+
+def _error_line(stderr: str) -> str:
+    """The CLI's one-line error: exactly one such line, the last one, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len([ln for ln in lines if ln.startswith("sae train: error:")]) == 1, stderr
+    assert lines[-1].startswith("sae train: error:"), stderr
+    return lines[-1]
+
+
+def _config(workdir: Path):
+    from trainer.config import TrainConfig
+
+    return TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+
+
+def _restore(workdir: Path):
+    """A model built from WORKDIR/config.json with its latest checkpoint restored."""
+    from trainer import model as model_lib
+
+    model = model_lib.build_model(_config(workdir))
+    model.optimizer.build(model.trainable_variables)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    ckpt.restore(tf.train.latest_checkpoint(str(workdir / "checkpoints"))).assert_consumed()
+    return model
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {v.path: v.numpy() for v in model.trainable_variables}
+
+
+def _eval_images(data_dir: Path) -> np.ndarray:
+    """The eval split's images in file order, read with the record schema's NumPy decoder."""
+    m = manifest.load(str(data_dir))
+    ds = tf.data.TFRecordDataset(m.shard_paths("eval"), compression_type=m.compression or "")
+    return np.stack([records.decode(r.numpy()).image for r in ds])
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def numpy_eval_cost(images, w1, b1, w2, b2, cfg) -> tuple[float, float]:
+    """UFLDL cost (DESIGN.md section 2) in float64 NumPy, written from the notes.
+
+    Like `evaluate`, over batches of cfg.global_batch_size in order, rho_hat per batch, and
+    the batch costs averaged weighted by batch size. images: uint8 [N, H, W, C]; w1 [n, s].
+    Returns (J, reconstruction term). Sigmoid decoder, "unit" normalization, no L1.
+    """
+    assert cfg.decoder == "sigmoid" and cfg.normalization == "unit" and cfg.l1_activity == 0
+    x_all = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    w1, b1, w2, b2 = (np.asarray(v, np.float64) for v in (w1, b1, w2, b2))
+    rho = cfg.rho
+    wd = 0.5 * cfg.weight_decay * (np.sum(w1**2) + np.sum(w2**2))
+    total = rec_total = 0.0
+    for i in range(0, len(x_all), cfg.global_batch_size):
+        x = x_all[i : i + cfg.global_batch_size]
+        m = len(x)
+        a = _sigmoid(x @ w1 + b1)
+        x_hat = _sigmoid(a @ w2 + b2)
+        rho_hat = np.clip(a.mean(axis=0), cfg.eps, 1 - cfg.eps)
+        rec = 0.5 * np.sum((x_hat - x) ** 2) / m
+        kl = np.sum(rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat)))
+        total += m * (rec + wd + cfg.beta * kl)
+        rec_total += m * rec
+    return total / len(x_all), rec_total / len(x_all)
+
+
+def _grid_shape(k: int, tile_h: int, tile_w: int, scale: int = 4) -> tuple[int, int]:
+    """UFLDL display_network layout: near-square grid of k tiles, 1-pixel borders, scaled."""
+    cols = math.ceil(math.sqrt(k))
+    rows = math.ceil(k / cols)
+    return (rows * (tile_h + 1) + 1) * scale, (cols * (tile_w + 1) + 1) * scale
+
+
+def _png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def _summaries(run_dir: Path) -> dict:
+    """tag -> (plugin name, [(step, tensor as NumPy)]) of one TensorBoard run folder."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    kinds = (ea.TENSORS, ea.SCALARS, ea.HISTOGRAMS, ea.IMAGES)
+    acc = ea.EventAccumulator(str(run_dir), size_guidance=dict.fromkeys(kinds, 0))
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        plugin = acc.SummaryMetadata(tag).plugin_data.plugin_name
+        events = [(e.step, tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+        out[tag] = (plugin, events)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Fixtures: the dataset and one uninterrupted run of RUN.
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits") / "data"
+    m = job.run(
+        ["--input", "builtin:digits", "--output", str(out),
+         "--direct_running_mode=in_memory", "--direct_num_workers=1"]
+    )  # fmt: skip
+    # numpy_eval_cost reads the eval split in file order, as the trainer's eval does.
+    assert len(m["splits"]["eval"]["shards"]) == 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> tuple[Path, str]:
+    """(workdir, stdout) of RUN trained without interruption."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    r = _ok(_train(data_dir, workdir, *RUN))
+    return workdir, r.stdout
+
+
+@pytest.fixture(scope="module")
+def replica_runs(data_dir, tmp_path_factory) -> dict[int, tuple[Path, str]]:
+    """SHORT trained with 1 and with 2 MirroredStrategy replicas (2 logical CPUs)."""
+    root = tmp_path_factory.mktemp("replicas")
+    procs = {n: _start(data_dir, root / f"r{n}", *SHORT, "--cpu-replicas", str(n)) for n in (1, 2)}
+    results = dict(zip(procs, _finish(list(procs.values())), strict=True))
+    for n, p in procs.items():
+        assert p.returncode == 0, f"{n} replica(s): exit {p.returncode}\n{results[n][1][-3000:]}"
+    return {n: (root / f"r{n}", results[n][0]) for n in procs}
+
+
+# ----------------------------------------------------------------------------
+# 1. The CLI end to end: artifacts, metrics, pictures, TensorBoard, and it learns.
+# ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_end_to_end_writes_every_artifact_and_learns(data_dir, trained):
+    workdir, stdout = trained
+    cfg = _config(workdir)
+    assert "1 replica(s)" in stdout
+    for name in ("config.json", "metrics.json", "filters.png", "reconstructions.png"):
+        assert (workdir / name).is_file(), name
+    assert (workdir / "export" / "saved_model.pb").is_file()
+    assert not list(workdir.glob("export.*")), "temporary export folders left behind"
+
+    total = cfg.epochs * cfg.steps_per_epoch
+    assert _checkpoint_step(workdir) == total
+    model = _restore(workdir)
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in model.trainable_variables))
+    assert _fingerprint(stdout) == digest.hexdigest()[:16], "last checkpoint != final weights"
+
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    keys = ("loss", "reconstruction", "weight_decay", "sparsity", "mean_rho_hat",
+            "dead_fraction", "l0", "fraction_variance_explained")  # fmt: skip
+    assert all(math.isfinite(metrics[k]) for k in keys), metrics
+    assert metrics["step"] == total
+    assert metrics["eval_examples"] == manifest.load(str(data_dir)).num_examples("eval")
+    parts = metrics["reconstruction"] + metrics["weight_decay"] + metrics["sparsity"]
+    assert metrics["loss"] == pytest.approx(parts, rel=1e-5)
+    assert min(metrics[k] for k in ("reconstruction", "weight_decay", "sparsity")) >= 0
+    assert 0 <= metrics["l0"] <= cfg.hidden and metrics["fraction_variance_explained"] <= 1
+    assert len(metrics["rho_hat"]) == cfg.hidden
+    assert np.mean(metrics["rho_hat"]) == pytest.approx(metrics["mean_rho_hat"], abs=1e-5)
+
+    # The reported loss is the UFLDL cost of the final weights on the eval split
+    # (independent NumPy code) ...
+    images = _eval_images(data_dir)
+    params = [v.numpy() for v in (model.w1, model.b1, model.w2, model.b2)]
+    loss, rec = numpy_eval_cost(images, *params, cfg)
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-4)
+    assert metrics["reconstruction"] == pytest.approx(rec, rel=1e-4)
+    # ... and it is less than half the untrained model's (same config, same seeded init).
+    from trainer import model as model_lib
+
+    untrained = model_lib.build_model(cfg)
+    params0 = [v.numpy() for v in (untrained.w1, untrained.b1, untrained.w2, untrained.b2)]
+    loss0, rec0 = numpy_eval_cost(images, *params0, cfg)
+    assert metrics["loss"] < 0.5 * loss0, (metrics["loss"], loss0)
+    # The KL term dominates the untrained cost, so also require the reconstruction to halve and
+    # to beat the split's mean image as a predictor (fraction of variance explained > 0).
+    assert metrics["reconstruction"] < 0.5 * rec0, (metrics["reconstruction"], rec0)
+    assert metrics["fraction_variance_explained"] > 0.3
+    # Sparse and alive: mean activation near rho, few dead units.
+    assert abs(metrics["mean_rho_hat"] - cfg.rho) <= 0.3 * cfg.rho
+    assert metrics["dead_fraction"] <= 0.1
+
+    # Pictures: the display_network grid of 25 tiles of 8x8, and 16 input|reconstruction pairs.
+    from trainer import visualize
+
+    h, w, _ = cfg.input_shape
+    filters = _png((workdir / "filters.png").read_bytes())
+    assert filters.shape == _grid_shape(cfg.hidden, h, w)
+    np.testing.assert_array_equal(
+        filters, visualize.filter_grid(model.w1.numpy(), cfg.input_shape)[:, :, 0]
+    )
+    pairs = _png((workdir / "reconstructions.png").read_bytes())
+    assert pairs.shape == _grid_shape(16, h, 2 * w)
+
+    # TensorBoard: epoch scalars for every epoch, per-step scalars at the optimizer step, and
+    # after each epoch the eval rho_hat histogram and the filter image.
+    tb = workdir / "tensorboard"
+    assert list(tb.rglob("events.out.tfevents.*"))
+    train_runs, val_runs = _summaries(tb / "train"), _summaries(tb / "validation")
+    units = _summaries(tb / "units")
+    for run in (train_runs, val_runs):
+        plugin, events = run["epoch_loss"]
+        assert plugin == "scalars" and [s for s, _ in events] == list(range(cfg.epochs))
+    first, last = float(train_runs["epoch_loss"][1][0][1]), float(val_runs["epoch_loss"][1][-1][1])
+    assert last == pytest.approx(metrics["loss"], rel=1e-5) and last < first
+    plugin, events = units["batch_loss"]
+    every = max(1, cfg.checkpoint_every_steps // 10)
+    assert plugin == "scalars" and [s for s, _ in events] == list(range(every, total + 1, every))
+    epoch_ends = list(range(cfg.steps_per_epoch, total + 1, cfg.steps_per_epoch))
+    plugin, events = units["eval_rho_hat"]
+    assert plugin == "histograms" and [s for s, _ in events] == epoch_ends
+    assert events[-1][1][:, 2].sum() == pytest.approx(cfg.hidden)  # one count per unit
+    plugin, events = units["filters"]
+    assert plugin == "images" and [s for s, _ in events] == epoch_ends
+    np.testing.assert_array_equal(_png(events[-1][1][2]), filters)
+
+
+# ----------------------------------------------------------------------------
+# 2. The export is self-contained: plain TensorFlow in a fresh process.
+# ----------------------------------------------------------------------------
+LOAD_EXPORT = """
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+export, images_path, out_path = sys.argv[1:]
+m = tf.saved_model.load(export)
+images = tf.constant(np.load(images_path))
+a = m.signatures["encode"](images=images)["activations"].numpy()
+x_hat = m.signatures["reconstruct"](images=images)["reconstructions"].numpy()
+leaked = sorted({k.split(".")[0] for k in sys.modules} & {"trainer", "preprocessing", "pipeline"})
+assert not leaked, f"the export imported project code: {leaked}"
+np.savez(out_path, activations=a, reconstructions=x_hat)
+"""
+
+
+@pytest.mark.slow
+def test_export_loads_without_project_code_and_matches_the_checkpoint(data_dir, trained, tmp_path):
+    workdir, _ = trained
+    images = _eval_images(data_dir)[:32]
+    np.save(tmp_path / "images.npy", images)
+    (tmp_path / "load_export.py").write_text(LOAD_EXPORT)
+    r = subprocess.run(
+        [sys.executable, "-I", "load_export.py", str(workdir / "export"), "images.npy", "out.npz"],
+        cwd=tmp_path,  # -I: no cwd / PYTHONPATH / user site on sys.path
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    _ok(r)
+    served = np.load(tmp_path / "out.npz")
+    model = _restore(workdir)
+    cfg = model.config
+    assert served["activations"].shape == (32, cfg.hidden)
+    assert served["reconstructions"].shape == (32, *cfg.input_shape)
+    np.testing.assert_allclose(served["activations"], model.encode(images).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        served["reconstructions"], model.reconstruct(images).numpy(), atol=1e-5
+    )
+    from trainer import export
+
+    info = export.load_info(str(workdir / "export"))
+    assert info["config"] == cfg.to_dict() and info["image_shape"] == list(cfg.input_shape)
+    assert info["step"] == cfg.epochs * cfg.steps_per_epoch
+
+
+# ----------------------------------------------------------------------------
+# 3. Resume: after SIGKILL and after SIGTERM, ending with the uninterrupted run's weights.
+# ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(data_dir, trained, tmp_path):
+    workdir = tmp_path / "run"
+    proc = _start(data_dir, workdir, *RUN)
+    try:
+        _wait_for_checkpoint(workdir, 10, proc)
+        proc.kill()
+    finally:
+        _finish([proc], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "metrics.json").exists()
+    cfg = _config(workdir)
+    total = cfg.epochs * cfg.steps_per_epoch
+    kept = _checkpoint_step(workdir)
+    assert 10 <= kept < total
+
+    r = _ok(_train(data_dir, workdir, *RUN))
+    resumed = re.search(r"resuming at step (\d+)", r.stdout)
+    assert resumed and int(resumed.group(1)) == kept, r.stdout
+    assert json.loads((workdir / "metrics.json").read_text())["step"] == total
+    # The data-order guarantee: the resumed run saw the same batches in the same order.
+    assert _fingerprint(r.stdout) == _fingerprint(trained[1])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_75_and_the_rerun_ends_with_the_uninterrupted_weights(
+    data_dir, trained, tmp_path
+):
+    workdir = tmp_path / "run"
+    proc = _start(data_dir, workdir, *RUN)
+    try:
+        _wait_for_checkpoint(workdir, 10, proc)
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        ((_, stderr),) = _finish([proc], timeout=120)
+    assert proc.returncode == 75, stderr[-3000:]
+    line = _error_line(stderr)
+    stopped = re.fullmatch(r"sae train: error: stopped by SIGTERM at step (\d+); .*", line)
+    assert stopped, line
+    step = int(stopped.group(1))
+    assert _checkpoint_step(workdir) == step  # saved at the step it stopped, not an earlier one
+    assert not (workdir / "metrics.json").exists()
+
+    r = _ok(_train(data_dir, workdir, *RUN))
+    assert f"resuming at step {step} " in r.stdout, r.stdout
+    # Bitwise equal: on CPU every op here is deterministic for a fixed thread count, so no
+    # tolerance is needed (a resume that replayed or skipped a batch would differ).
+    assert _fingerprint(r.stdout) == _fingerprint(trained[1])
+
+
+# ----------------------------------------------------------------------------
+# 4, 5. Distribution: 2 workers, 2 mirrored replicas, and 1 replica agree.
+# ----------------------------------------------------------------------------
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _close(a: dict, b: dict, keys=("loss", "reconstruction", "sparsity", "mean_rho_hat")):
+    for k in keys:
+        assert a[k] == pytest.approx(b[k], rel=1e-4), k
+    np.testing.assert_allclose(a["rho_hat"], b["rho_hat"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_workers_stay_in_sync_and_only_the_chief_writes(data_dir, replica_runs, tmp_path):
+    workdir = tmp_path / "run"
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = [
+        _start(data_dir, workdir, *SHORT,
+               env=_env(TF_CONFIG=json.dumps({"cluster": cluster,
+                                              "task": {"type": "worker", "index": i}})))
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = _finish(procs)
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"worker {i}: exit {p.returncode}\n{out}\n{err[-3000:]}"
+        assert "2 replica(s)" in out, out
+    (chief_out, _), (other_out, _) = outputs
+    assert _fingerprint(chief_out) == _fingerprint(other_out)
+    assert "wrote" in chief_out and "wrote" not in other_out
+
+    # Only the chief's files are in WORKDIR; the other worker's scratch space is gone.
+    assert (workdir / "export" / "saved_model.pb").is_file()
+    assert (workdir / "metrics.json").is_file()
+    assert not (workdir / "tmp-workers" / "worker-1").exists()
+    assert not list(workdir.glob("export.*"))
+    writers = {f.name.split(".")[-3] for f in (workdir / "tensorboard").rglob("events.out.*")}
+    assert writers == {str(procs[0].pid)}, "TensorBoard files from the non-chief in WORKDIR"
+
+    # The global batch is the same, so 2 workers x 1 replica computes what 1 x 2 does.
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    mirrored = json.loads((replica_runs[2][0] / "metrics.json").read_text())
+    cfg = _config(workdir)
+    per_epoch = manifest.load(str(data_dir)).num_examples("train") // cfg.global_batch_size
+    assert metrics["step"] == mirrored["step"] == cfg.epochs * per_epoch
+    _close(metrics, mirrored)
+
+
+@pytest.mark.slow
+def test_one_and_two_mirrored_replicas_end_with_the_same_model(replica_runs):
+    (one_dir, one_out), (two_dir, two_out) = replica_runs[1], replica_runs[2]
+    assert "1 replica(s)" in one_out
+    assert "2 replica(s) (MirroredStrategy)" in two_out, two_out
+    one = json.loads((one_dir / "metrics.json").read_text())
+    two = json.loads((two_dir / "metrics.json").read_text())
+    assert one["step"] == two["step"] > 0
+    _close(one, two)
+    # Same math, only the float32 summation order differs: equal to rounding, not bitwise.
+    w1, w2 = _weights(_restore(one_dir)), _weights(_restore(two_dir))
+    for name in w1:
+        np.testing.assert_allclose(w1[name], w2[name], atol=1e-5, err_msg=name)
+
+
+# ----------------------------------------------------------------------------
+# 6. Clear errors: one line, the right exit code, no traceback.
+# ----------------------------------------------------------------------------
+def _sae_in_process(capsys, *argv: str) -> tuple[int, str]:
+    from pipeline import cli
+
+    code = cli.main(["train", *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--workdir", "W"], "the following arguments are required: --data"),
+        (["--data", "{empty}", "--workdir", "W"], "manifest.json is missing"),
+        (["--data", "{data}", "--workdir", "W", "--set", "input_shape=28,28,1"],
+         "holds 8x8x1 images but the model expects 28x28x1"),
+        (["--data", "{data}", "--workdir", "W", "--preset", "nope"], "invalid choice: 'nope'"),
+        (["--data", "{data}", "--workdir", "W", "--set", "nope=1"], "unknown config key 'nope'"),
+        (["--data", "{data}", "--workdir", "W", "--set", "hidden=-3"], "invalid hidden=-3"),
+        (["--data", "{data}", "--workdir", "{other}", *RUN, "--set", "hidden=30"],
+         "holds a run with a different config (hidden differ)"),
+    ],
+)  # fmt: skip
+def test_flag_config_and_data_errors_are_one_clear_line(capsys, data_dir, tmp_path, args, needle):
+    other = tmp_path / "other"  # a workdir of RUN (its config.json is all that matters)
+    other.mkdir()
+    from trainer import config as config_lib
+
+    overrides = [a for a in RUN[2:] if a != "--set"]
+    cfg = config_lib.apply_overrides(config_lib.preset("digits"), overrides)
+    (other / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "empty").mkdir()
+    paths = {"data": data_dir, "empty": tmp_path / "empty", "other": other}
+    argv = [a.format(**paths) if a.startswith("{") else str(tmp_path / a) if a == "W" else a
+            for a in args]  # fmt: skip
+    code, err = _sae_in_process(capsys, *argv)
+    assert code == 2
+    assert needle in _error_line(err), err
+    assert not (tmp_path / "W").exists(), "nothing is written before the checks pass"
+
+
+@pytest.mark.slow
+def test_corrupt_shard_and_nan_loss_fail_with_one_clear_line(data_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    shard = bad / manifest.load(str(bad)).data["splits"]["train"]["shards"][0]["path"]
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:  # garbage in the middle: the first record still reads
+        f.seek(size // 2)
+        f.write(b"\xde\xad\xbe\xef" * 64)
+    explode = ["--set", "decoder=linear", "--set", "optimizer=sgd", "--set", "learning_rate=1e6",
+               "--set", "epochs=1", "--set", "checkpoint_every_steps=1"]  # fmt: skip
+    procs = [
+        _start(bad, tmp_path / "w-corrupt", "--set", "epochs=1"),
+        _start(data_dir, tmp_path / "w-nan", *explode),
+    ]
+    (_, corrupt_err), (_, nan_err) = _finish(procs)
+
+    assert procs[0].returncode == 2, corrupt_err[-3000:]
+    line = _error_line(corrupt_err)
+    assert f"shard {shard} " in line and "corrupted record at" in line, line
+    assert "rerun `sae preprocess`" in line
+
+    assert procs[1].returncode == 4, nan_err[-3000:]
+    line = _error_line(nan_err)
+    assert "NaN" in line and "the last good checkpoint is kept" in line, line
+    kept = re.search(r"checkpoint is kept: (\S+);", line).group(1)
+    assert kept == tf.train.latest_checkpoint(str(tmp_path / "w-nan" / "checkpoints"))
+    reader = tf.train.load_checkpoint(kept)
+    for name in reader.get_variable_to_shape_map():
+        if name.startswith("model/w"):
+            assert np.isfinite(reader.get_tensor(name)).all(), name
