@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.train", "train a KL-sparse autoencoder (tf.data + tf.distribute)"),
     "extract": ("pipeline.extract", "sparse features for every input -> TFRecord + Parquet (Beam)"),
     "evaluate-features": ("pipeline.probe", "linear probe: sparse features vs pixels vs PCA"),
+    "retrain": ("pipeline.retrain", "train a candidate, gate it, promote it atomically"),
+    "models": ("pipeline.models", "list, promote or roll back model versions"),
     "datasets": ("preprocessing.datasets_cli", "list or export the built-in datasets"),
 }
 

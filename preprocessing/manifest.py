@@ -68,7 +68,7 @@ def load(root: str) -> Manifest:
     if not tf.io.gfile.exists(path):
         raise UserError(
             f"no dataset at {root}: {path} is missing (the preprocessing job writes it "
-            "last; run `sae preprocess --output {root}` or wait for it to finish)"
+            f"last; run `sae preprocess --output {root}` or wait for it to finish)"
         )
     try:
         with tf.io.gfile.GFile(path) as f:

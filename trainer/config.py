@@ -183,7 +183,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     "digits": TrainConfig(
         input_shape=(8, 8, 1), hidden=25, rho=0.1, beta=3.0, weight_decay=1e-4,
-        learning_rate=1e-2, global_batch_size=128, epochs=100,
+        learning_rate=1e-2, global_batch_size=128, epochs=12, steps_per_epoch=100,
     ),
     "mnist": TrainConfig(
         input_shape=(28, 28, 1), hidden=196, rho=0.1, beta=3.0, weight_decay=3e-3,
@@ -192,7 +192,7 @@ PRESETS: dict[str, TrainConfig] = {
     "natural-patches": TrainConfig(
         input_shape=(8, 8, 1), hidden=25, rho=0.01, beta=3.0, weight_decay=1e-4,
         decoder="sigmoid", normalization="ufldl_patches", learning_rate=1e-2,
-        global_batch_size=1000, epochs=1000, checkpoint_every_steps=1000,
+        global_batch_size=1000, epochs=100, steps_per_epoch=100, checkpoint_every_steps=1000,
     ),
 }  # fmt: skip
 

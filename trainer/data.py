@@ -107,7 +107,12 @@ def train_stream(
         return ds.batch(global_batch_size, drop_remainder=True)
 
     first_epoch, skip = divmod(start_step, per_epoch)
-    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(skip)
+    # interleave, not flat_map: the next epoch's files open and its shuffle buffer fills
+    # while this epoch is consumed (block_length = one whole epoch keeps the order).
+    ds = tf.data.Dataset.range(first_epoch, 2**62).interleave(
+        epoch, cycle_length=2, block_length=per_epoch, num_parallel_calls=2, deterministic=True
+    )
+    ds = ds.skip(skip)
     ds = ds.map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
 

@@ -3,6 +3,7 @@
     m = tf.saved_model.load("WORKDIR/export")
     a = m.signatures["encode"](images=uint8 [b, H, W, C])["activations"]      # [b, hidden]
     x_hat = m.signatures["reconstruct"](images=...)["reconstructions"]       # [b, H, W, C]
+    x = m.signatures["normalize"](images=...)["inputs"]  # what x_hat approximates [b, H, W, C]
 
 The input normalization is inside the graph, so callers pass the raw uint8
 pixels the records hold. `EXPORT_INFO` (JSON beside the SavedModel) records the
@@ -31,6 +32,7 @@ class _Serving(tf.Module):
         spec = tf.TensorSpec([None, *model.config.input_shape], tf.uint8, name="images")
         self.encode = tf.function(self._encode, input_signature=[spec])
         self.reconstruct = tf.function(self._reconstruct, input_signature=[spec])
+        self.normalize = tf.function(self._normalize, input_signature=[spec])
 
     def _encode(self, images):
         return {"activations": self.model.encode(images)}
@@ -38,13 +40,22 @@ class _Serving(tf.Module):
     def _reconstruct(self, images):
         return {"reconstructions": self.model.reconstruct(images)}
 
+    def _normalize(self, images):
+        return {"inputs": self.model.normalize(images)}
+
 
 def save(model, path: str, info: dict) -> None:
     """Writes the SavedModel of `model` to `path` atomically (local or gs://)."""
     serving = _Serving(model)
     tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     tf.saved_model.save(
-        serving, tmp, signatures={"encode": serving.encode, "reconstruct": serving.reconstruct}
+        serving,
+        tmp,
+        signatures={
+            "encode": serving.encode,
+            "reconstruct": serving.reconstruct,
+            "normalize": serving.normalize,
+        },
     )
     with tf.io.gfile.GFile(join(tmp, EXPORT_INFO), "w") as f:
         json.dump(info, f, indent=2)

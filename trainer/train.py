@@ -76,6 +76,12 @@ def make_parser() -> ArgumentParser:
         "(runs MirroredStrategy here exactly as on N GPUs)",
     )
     p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="warm start: initialize the weights from this checkpoint (or checkpoints folder) "
+        "of a same-shape model; ignored when WORKDIR already has a checkpoint",
+    )
+    p.add_argument(
         "--verbose",
         type=int,
         default=2,
@@ -150,6 +156,30 @@ def _callbacks(model, manager, every: int, tb_dir: str | None):
     return callbacks
 
 
+def _warm_start(model, init_from: str) -> None:
+    """Starts from another run's weights, not its optimizer state or step: the weights are
+    restored into a fresh twin model (which has no optimizer) and copied over."""
+    import tensorflow as tf
+
+    from trainer.model import SparseAutoencoder
+
+    path = tf.train.latest_checkpoint(init_from) or init_from
+    twin = SparseAutoencoder(model.config)
+    try:
+        tf.train.Checkpoint(model=twin).restore(
+            path
+        ).expect_partial().assert_existing_objects_matched()
+        for dst, src in zip(model.weights, twin.weights, strict=True):
+            dst.assign(src)
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot warm-start from {init_from}: {reason}; it must be a checkpoint "
+            "(or checkpoints folder) of a model with the same shape"
+        ) from None
+    print(f"train: warm start from {path}", flush=True)
+
+
 def _check_config_matches(workdir: str, cfg) -> None:
     import tensorflow as tf
 
@@ -217,6 +247,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     latest = tf.train.latest_checkpoint(join(workdir, "checkpoints"))
     if latest:
         ckpt.restore(latest).assert_existing_objects_matched()
+    elif args.init_from:
+        _warm_start(model, args.init_from)
     step = int(model.optimizer.iterations.numpy())
     per_epoch = data.steps_per_epoch(manifest, cfg.global_batch_size, cfg.steps_per_epoch)
     total = cfg.epochs * per_epoch
