@@ -10,12 +10,14 @@ pixels the records hold. `EXPORT_INFO` (JSON beside the SavedModel) records the
 config, the image shape and the label names for tools like `sae extract`.
 
 Exports are atomic: the SavedModel is written to a temporary sibling and renamed
-into place, so a reader sees the old export or the new one, never half of one.
+into place, so a reader sees the old export or the new one, never half of one (on
+object stores, where renames go file by file: the old one, none, or the new one).
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import uuid
 
 import tensorflow as tf
@@ -59,13 +61,31 @@ def save(model, path: str, info: dict) -> None:
     )
     with tf.io.gfile.GFile(join(tmp, EXPORT_INFO), "w") as f:
         json.dump(info, f, indent=2)
-    old = None
+    _publish(tmp, path.rstrip("/"))
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Moves the finished SavedModel at `tmp` to `path`; no reader sees a partial one."""
+    if "://" not in path:  # a local directory rename is atomic
+        old = None
+        if tf.io.gfile.exists(path):
+            old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+            tf.io.gfile.rename(path, old)
+        tf.io.gfile.rename(tmp, path)
+        if old:
+            tf.io.gfile.rmtree(old)
+        return
+    # Object stores rename object by object. saved_model.pb is what makes a directory a
+    # SavedModel (loaders and `models.resolve` look for it), so it goes away first and
+    # comes back last: in between, readers find no model rather than half of one.
     if tf.io.gfile.exists(path):
-        old = f"{path.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
-        tf.io.gfile.rename(path, old)
-    tf.io.gfile.rename(tmp, path)
-    if old:
-        tf.io.gfile.rmtree(old)
+        tf.io.gfile.remove(join(path, "saved_model.pb"))
+        tf.io.gfile.rmtree(path)
+    files = [join(d, f)[len(tmp) + 1 :] for d, _, fs in tf.io.gfile.walk(tmp) for f in fs]
+    for rel in sorted(files, key=lambda f: f == "saved_model.pb"):
+        tf.io.gfile.makedirs(posixpath.dirname(join(path, rel)))
+        tf.io.gfile.rename(join(tmp, rel), join(path, rel))
+    tf.io.gfile.rmtree(tmp)
 
 
 def load_info(path: str) -> dict:
