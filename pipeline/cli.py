@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 # name -> (module with run(argv), one-line help). Imported lazily: `sae --help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pipeline.run_all", "the whole pipeline on one input, with report.html"),
     "preprocess": ("preprocessing.job", "images -> sharded TFRecords + manifest (Apache Beam)"),
     "train": ("trainer.train", "train a KL-sparse autoencoder (tf.data + tf.distribute)"),
     "extract": ("pipeline.extract", "sparse features for every input -> TFRecord + Parquet (Beam)"),
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrain": ("pipeline.retrain", "train a candidate, gate it, promote it atomically"),
     "models": ("pipeline.models", "list, promote or roll back model versions"),
     "datasets": ("preprocessing.datasets_cli", "list or export the built-in datasets"),
+    "k8s": ("pipeline.k8s_cli", "render or submit Kubernetes jobs (kustomize)"),
 }
 
 

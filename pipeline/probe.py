@@ -2,9 +2,10 @@
 
     sae evaluate-features --features runs/feats --data runs/digits/data
 
-Fits a logistic regression on the train split and reports eval accuracy for the
-sparse features, the raw pixels, and PCA with as many components as the features
-have dimensions (fit on train pixels). Writes FEATURES/probe.json.
+Fits a logistic regression (inputs standardized with the train split's mean and std,
+as is usual for a linear probe) on the train split and reports eval accuracy for the
+sparse features, the raw pixels, and PCA with as many components as the features have
+dimensions (fit on train pixels; capped at the pixel count). Writes FEATURES/probe.json.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def probe(features_root: str, data_root: str, max_iter: int = 2000) -> dict:
     """Eval accuracies of logistic regression on sparse features, raw pixels and PCA."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     from pipeline import features
 
@@ -65,10 +68,11 @@ def probe(features_root: str, data_root: str, max_iter: int = 2000) -> dict:
     raw = np.stack([pixels[k][0] for k in keys])
     dim = matrix.shape[1]
     pca = PCA(n_components=min(dim, raw.shape[1]), random_state=0).fit(raw[train])
-    inputs = {"sparse_features": matrix, "raw_pixels": raw, "pca": pca.transform(raw)}
+    inputs = {"sparse_features": matrix.toarray(), "raw_pixels": raw, "pca": pca.transform(raw)}
     results = {}
     for name, x in inputs.items():
-        clf = LogisticRegression(max_iter=max_iter).fit(x[train], labels[train])
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+        clf.fit(x[train], labels[train])
         results[name] = round(float(clf.score(x[ev], labels[ev])), 4)
     return {
         "eval_accuracy": results,

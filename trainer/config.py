@@ -8,9 +8,11 @@ trainer. Errors are `UserError`s that name the key and the valid values.
 
 Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value ...]`):
   tiny             8x8x1 -> 16, a few steps; for tests and smoke runs (seconds).
-  digits           scikit-learn's 1,797 8x8 digits, 64 -> 25, 1,400 Adam steps: seconds on 2 CPU
-                   cores. The loss falls from about 33 to below 1, rho_hat_j is about 0.1 for
-                   every unit (none dead), about 80% of the variance is explained.
+  digits           scikit-learn's 1,797 8x8 digits, 64 -> 100 (overcomplete, as UFLDL's
+                   self-taught MNIST features), 1,200 Adam steps: about 20 s on 2 CPU cores.
+                   The loss falls below 1, rho_hat_j is about 0.1 for every unit (none dead),
+                   about 85% of the variance is explained, and a linear probe on the sparse
+                   features is as accurate as on the raw pixels (README).
   mnist            The UFLDL exercise: 28x28 MNIST, 784 -> 196, rho 0.1, lambda 3e-3, beta 3
                    (pixels / 255); about 1,750 Adam steps at global batch 1024 (about a minute
                    on 2 CPU cores). Expected: pen-stroke detectors; the UFLDL self-taught
@@ -182,7 +184,7 @@ PRESETS: dict[str, TrainConfig] = {
         epochs=1, steps_per_epoch=5, checkpoint_every_steps=5, eval_batches=2,
     ),
     "digits": TrainConfig(
-        input_shape=(8, 8, 1), hidden=25, rho=0.1, beta=3.0, weight_decay=1e-4,
+        input_shape=(8, 8, 1), hidden=100, rho=0.1, beta=3.0, weight_decay=1e-4,
         learning_rate=1e-2, global_batch_size=128, epochs=12, steps_per_epoch=100,
     ),
     "mnist": TrainConfig(

@@ -1,0 +1,162 @@
+"""`sae run`: preprocess, train, extract and probe in one command, then write report.html.
+
+    sae run                                  # builtin:digits into ./runs/<timestamp>/
+    sae run --input ~/photos --resize 32x32 --preset digits --set input_shape=32,32,1 \
+        --workdir runs/photos
+
+WORKDIR/ data/ (sae preprocess), train/ (sae train), features/ (sae extract, probe.json),
+         report.html
+Rerunning with the same --workdir skips finished stages (a stage is finished when its
+manifest or metrics exist) and resumes an interrupted training from its checkpoint.
+Flags this command does not know go to `sae preprocess` (e.g. --resize, Beam options).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Sequence
+
+from preprocessing.errors import ArgumentParser
+from preprocessing.manifest import MANIFEST_NAME, join
+
+
+def make_parser() -> ArgumentParser:
+    from trainer.config import PRESETS
+
+    p = ArgumentParser(
+        prog="sae run",
+        description="The whole pipeline in one command: preprocess, train, extract, probe, "
+        "report. Unknown flags go to `sae preprocess`.",
+    )
+    p.add_argument(
+        "--input",
+        default="builtin:digits",
+        metavar="SRC",
+        help="images (folder, gs://, list file, tfds:, builtin:) (default: builtin:digits)",
+    )
+    p.add_argument(
+        "--workdir",
+        help="run folder (default: ./runs/<UTC timestamp>); rerun with the same one to resume",
+    )
+    p.add_argument(
+        "--preset", default="digits", choices=sorted(PRESETS), help="train preset (default: digits)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train config override (repeatable)",
+    )
+    p.add_argument("--sparsify", default="default", help="as `sae extract --sparsify`")
+    return p
+
+
+def _exists(path: str) -> bool:
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
+
+
+def _read_json(path: str) -> dict:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def _leftovers(path: str) -> list[str]:
+    """['--overwrite'] when an interrupted stage left files behind (its manifest is missing)."""
+    import tensorflow as tf
+
+    return ["--overwrite"] if tf.io.gfile.exists(path) and tf.io.gfile.listdir(path) else []
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Runs every unfinished stage; returns the summary written into the report."""
+    args, passthrough = make_parser().parse_known_args(argv)
+    import tensorflow as tf
+
+    from pipeline import extract, probe, report
+    from preprocessing import job as preprocess_job
+    from trainer import train
+
+    workdir = (
+        args.workdir or f"runs/{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    ).rstrip("/")
+    data, train_dir, feats = (join(workdir, d) for d in ("data", "train", "features"))
+    tf.io.gfile.makedirs(workdir)
+
+    def stage(name: str, done: bool, where: str) -> bool:
+        print(f"run: {name}: " + (f"done already ({where})" if done else f"-> {where}"), flush=True)
+        return not done
+
+    if stage("preprocess", _exists(join(data, MANIFEST_NAME)), data):
+        preprocess_job.run(
+            ["--input", args.input, "--output", data, *_leftovers(data), *passthrough]
+        )
+    if stage("train", _exists(join(train_dir, "metrics.json")), train_dir):
+        sets = [x for s in args.set for x in ("--set", s)]
+        train.run(["--data", data, "--workdir", train_dir, "--preset", args.preset, *sets])
+    if stage("extract", _exists(join(feats, MANIFEST_NAME)), feats):
+        extract.run(
+            [
+                "--data",
+                data,
+                "--model",
+                join(train_dir, "export"),
+                "--output",
+                feats,
+                "--sparsify",
+                args.sparsify,
+                *_leftovers(feats),
+            ]
+        )
+    dataset = _read_json(join(data, MANIFEST_NAME))
+    probe_path = join(feats, "probe.json")
+    if dataset["label_names"] and stage("probe", _exists(probe_path), probe_path):
+        probe.run(["--features", feats, "--data", data])
+
+    metrics = _read_json(join(train_dir, "metrics.json"))
+    features = _read_json(join(feats, MANIFEST_NAME))
+    config = _read_json(join(train_dir, "config.json"))
+    summary: dict = {
+        "input": args.input,
+        "workdir": workdir,
+        "examples (train / eval)": f"{dataset['splits']['train']['num_examples']} / "
+        f"{dataset['splits']['eval']['num_examples']}",
+        "rejected inputs": dataset["num_errors"],
+        "model": f"{config['input_shape']} -> {config['hidden']} hidden, rho {config['rho']}, "
+        f"beta {config['beta']}, lambda {config['weight_decay']}",
+        "training steps": metrics["step"],
+        "eval loss": metrics["loss"],
+        "eval reconstruction": metrics["reconstruction"],
+        "eval mean rho_hat": metrics["mean_rho_hat"],
+        "dead units": f"{metrics['dead_fraction']:.0%}",
+        "fraction of variance explained": metrics["fraction_variance_explained"],
+        "feature rows": features["num_written"],
+        "mean nonzeros per feature row": features["l0"]["mean"],
+    }
+    if _exists(probe_path):
+        summary["linear probe, eval accuracy"] = _read_json(probe_path)["eval_accuracy"]
+    summary["eval metrics"] = {k: v for k, v in metrics.items() if k != "rho_hat"}
+    with tf.io.gfile.GFile(join(train_dir, "filters.png"), "rb") as f:
+        filters = f.read()
+    with tf.io.gfile.GFile(join(train_dir, "reconstructions.png"), "rb") as f:
+        recon = f.read()
+    html = report.run_report(summary, filters, recon, metrics["rho_hat"], config["rho"])
+    with tf.io.gfile.GFile(join(workdir, "report.html"), "w") as f:
+        f.write(html)
+    for key, value in summary.items():
+        if not isinstance(value, dict) or key.startswith("linear"):
+            shown = (
+                ", ".join(f"{k} {v:.3f}" for k, v in value.items())
+                if isinstance(value, dict)
+                else f"{value:.4g}"
+                if isinstance(value, float)
+                else value
+            )
+            print(f"run: {key}: {shown}")
+    print(f"run: wrote {join(workdir, 'report.html')}", flush=True)
+    return summary
