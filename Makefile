@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install the package with its test extras
 
-demo: setup  ## preprocess the built-in digits into $(DEMO)/data
-	$(BIN)/sae preprocess --input builtin:digits --output $(DEMO)/data --overwrite
+demo: setup  ## the whole pipeline on the built-in digits: $(DEMO)/report.html (resumes if rerun)
+	$(BIN)/sae run --workdir $(DEMO)
 
 test: setup  ## the whole suite, slow end-to-end tests included (as CI runs it)
 	$(BIN)/ruff check .
@@ -28,8 +28,9 @@ test-fast: setup  ## skip the slow end-to-end tests
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench: setup  ## every benchmark; each prints JSON
-	for b in benchmarks/*_bench.py; do $(BIN)/python $$b || exit 1; done
+bench: setup  ## every benchmark; each prints JSON (installs the CPU PyTorch the train benchmark compares with)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	for b in benchmarks/*_bench.py; do $(BIN)/python $$b --out $$b.json || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

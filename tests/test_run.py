@@ -1,0 +1,77 @@
+"""`sae run`: the whole pipeline, its report, and resuming a finished or interrupted run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_whole_pipeline_report_and_resume(tmp_path):
+    workdir = tmp_path / "run"
+    r = _run(
+        "--workdir",
+        str(workdir),
+        "--set",
+        "epochs=2",
+        "--set",
+        "steps_per_epoch=50",
+        "--direct_running_mode=in_memory",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((workdir / "data" / "manifest.json").read_text())
+    feats = json.loads((workdir / "features" / "manifest.json").read_text())
+    metrics = json.loads((workdir / "train" / "metrics.json").read_text())
+    probe = json.loads((workdir / "features" / "probe.json").read_text())
+    n = data["splits"]["train"]["num_examples"] + data["splits"]["eval"]["num_examples"]
+    assert data["num_inputs"] == n == feats["num_written"] == 1797
+    assert metrics["step"] == 100
+    assert set(probe["eval_accuracy"]) == {"sparse_features", "raw_pixels", "pca"}
+    html = (workdir / "report.html").read_text()
+    # Self-contained: pictures inline, no external references.
+    assert html.count("data:image/png;base64,") == 2 and "<svg" in html
+    assert 'src="http' not in html and "href=" not in html
+    assert f"{metrics['mean_rho_hat']:.4g}" in html
+    assert "run: wrote" in r.stdout and "eval accuracy" in r.stdout
+    # Rerun: every stage is skipped, the report is rewritten.
+    (workdir / "report.html").unlink()
+    r = _run("--workdir", str(workdir), "--set", "epochs=2", "--set", "steps_per_epoch=50")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done already") == 4 and (workdir / "report.html").exists()
+
+
+def test_interrupted_stage_is_redone(tmp_path):
+    """A stage folder without its manifest (a killed run) is redone, not refused."""
+    workdir = tmp_path / "run"
+    (workdir / "data").mkdir(parents=True)
+    (workdir / "data" / "train-00000-of-00001.tfrecord").write_bytes(b"partial")
+    r = _run(
+        "--workdir",
+        str(workdir),
+        "--input",
+        "builtin:faces",
+        "--set",
+        "input_shape=25,25,1",
+        "--set",
+        "epochs=1",
+        "--set",
+        "steps_per_epoch=5",
+        "--set",
+        "global_batch_size=32",
+        "--direct_running_mode=in_memory",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((workdir / "data" / "manifest.json").read_text())["num_inputs"] == 200
+    assert (workdir / "report.html").exists()
