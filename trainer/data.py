@@ -3,6 +3,12 @@
     files (from the manifest) -> interleave(TFRecordDataset, parallel) -> shuffle
       -> batch(GLOBAL batch, drop_remainder) -> parse_batch (vectorized) -> prefetch
 
+A train split whose pixels fit in IN_MEMORY_BYTES is read and parsed once and kept
+in memory as one uint8 tensor; each epoch then shuffles indices and gathers whole
+batches. Reading and parsing records costs a few microseconds per example, as much
+as a training step of a small model, so this keeps small datasets from being
+input-bound; larger splits stream from the shards as above.
+
 Batches hold the global batch; tf.distribute splits each across replicas and
 shards the data across workers by FILE when every worker gets at least
 `MIN_FILES_PER_WORKER` shards, else by DATA (every worker reads all, keeps its part).
@@ -25,6 +31,7 @@ from preprocessing.manifest import Manifest
 
 MIN_FILES_PER_WORKER = 2
 SHUFFLE_BUFFER = 10_000
+IN_MEMORY_BYTES = 512 * 2**20
 
 
 def num_workers() -> int:
@@ -100,11 +107,27 @@ def train_stream(
             f"fewer than one global batch ({global_batch_size}); lower global_batch_size"
         )
     compression = manifest.compression
+    h, w, c = manifest.image_shape
+    in_memory = manifest.num_examples("train") * h * w * c <= IN_MEMORY_BYTES
 
-    def epoch(e):
-        ds = _records(paths, compression, shuffle_files_seed=seed * 1_000_003 + e)
-        ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
-        return ds.batch(global_batch_size, drop_remainder=True)
+    if in_memory:
+        images = _read_all(manifest, paths)
+        n = int(images.shape[0])
+
+        def epoch(e):
+            order = tf.data.Dataset.range(n).shuffle(
+                n, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False
+            )
+            return order.batch(global_batch_size, drop_remainder=True)
+
+    else:
+
+        def epoch(e):
+            ds = _records(paths, compression, shuffle_files_seed=seed * 1_000_003 + e)
+            ds = ds.shuffle(
+                SHUFFLE_BUFFER, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False
+            )
+            return ds.batch(global_batch_size, drop_remainder=True)
 
     first_epoch, skip = divmod(start_step, per_epoch)
     # interleave, not flat_map: the next epoch's files open and its shuffle buffer fills
@@ -113,8 +136,17 @@ def train_stream(
         epoch, cycle_length=2, block_length=per_epoch, num_parallel_calls=2, deterministic=True
     )
     ds = ds.skip(skip)
+    if in_memory:
+        ds = ds.map(lambda idx: tf.gather(images, idx), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(0))
     ds = ds.map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
+
+
+def _read_all(manifest: Manifest, paths: list[str]) -> tf.Tensor:
+    """Every record of `paths`, parsed: uint8 [N, H, W, C], in file order."""
+    ds = _records(paths, manifest.compression).batch(65_536).map(_parse(manifest))
+    return tf.concat(list(ds), axis=0)
 
 
 def eval_dataset(
