@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from preprocessing.errors import UserError
 
+    # As PID 1 in a container, a process without a SIGTERM handler ignores SIGTERM; exit as
+    # the default handler would (`sae train` installs its own, which checkpoints first).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     module = importlib.import_module(COMMANDS[name][0])
     try:
         module.run(rest)

@@ -215,10 +215,11 @@ def _fingerprint(model) -> str:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Trains (or resumes) and returns the final eval metrics."""
     args = make_parser().parse_args(argv)
+    from trainer import cluster, distribute
     from trainer import config as config_lib
-    from trainer import distribute
 
     cfg = config_lib.apply_overrides(config_lib.preset(args.preset), args.set)
+    cluster.ensure_tf_config()  # on a Kubernetes Indexed Job: TF_CONFIG from its environment
     # The strategy first: logical CPU devices can only be set before TF touches a device.
     strategy = distribute.make_strategy(args.strategy, args.cpu_replicas)
 
