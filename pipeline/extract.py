@@ -310,13 +310,7 @@ def make_parser() -> ArgumentParser:
         default="crop",
         help="raw images: how resizing to the model's input handles aspect ratio",
     )
-    p.add_argument("--num-shards", type=int, help="feature shards (default: from the size)")
-    p.add_argument(
-        "--target-shard-mb",
-        type=float,
-        default=100.0,
-        help="target shard size in MB (default: 100)",
-    )
+    sharding.add_arguments(p, "feature")
     p.add_argument(
         "--max-error-fraction",
         type=float,

@@ -104,7 +104,7 @@ def evaluate_export(
 
 
 def make_parser() -> ArgumentParser:
-    from trainer.config import PRESETS
+    from trainer import config
 
     p = ArgumentParser(
         prog="sae retrain",
@@ -122,14 +122,7 @@ def make_parser() -> ArgumentParser:
     )
     p.add_argument("--models-root", required=True, help="local path or gs:// URI")
     p.add_argument("--eval-data", help="fixed eval dataset (default: --data's eval split)")
-    p.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="train preset")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="train config override (repeatable)",
-    )
+    config.add_arguments(p)
     p.add_argument(
         "--warm-start",
         action="store_true",
@@ -163,7 +156,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     import tensorflow as tf
 
     from preprocessing import job as preprocess_job
-    from trainer import train
+    from trainer import config, train
 
     root = args.models_root.rstrip("/")
     version = models.new_version()
@@ -178,9 +171,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             f"unknown flags {' '.join(passthrough)} (only used when --data needs preprocessing)"
         )
     current, token = models.read_current(root)
-    train_args = ["--data", data, "--workdir", vdir, "--preset", args.preset]
-    for s in args.set:
-        train_args += ["--set", s]
+    train_args = ["--data", data, "--workdir", vdir, *config.to_argv(args)]
     if args.warm_start and current is not None:
         train_args += ["--init-from", join(root, "versions", current, "checkpoints")]
     print(f"retrain: training candidate {version} (current: {current})", flush=True)

@@ -22,7 +22,7 @@ from preprocessing.manifest import MANIFEST_NAME, join
 
 
 def make_parser() -> ArgumentParser:
-    from trainer.config import PRESETS
+    from trainer import config
 
     p = ArgumentParser(
         prog="sae run",
@@ -39,16 +39,7 @@ def make_parser() -> ArgumentParser:
         "--workdir",
         help="run folder (default: ./runs/<UTC timestamp>); rerun with the same one to resume",
     )
-    p.add_argument(
-        "--preset", default="digits", choices=sorted(PRESETS), help="train preset (default: digits)"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="train config override (repeatable)",
-    )
+    config.add_arguments(p)
     p.add_argument("--sparsify", default="default", help="as `sae extract --sparsify`")
     return p
 
@@ -80,7 +71,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     from pipeline import extract, probe, report
     from preprocessing import job as preprocess_job
-    from trainer import train
+    from trainer import config, train
 
     workdir = (
         args.workdir or f"runs/{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
@@ -97,8 +88,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             ["--input", args.input, "--output", data, *_leftovers(data), *passthrough]
         )
     if stage("train", _exists(join(train_dir, "metrics.json")), train_dir):
-        sets = [x for s in args.set for x in ("--set", s)]
-        train.run(["--data", data, "--workdir", train_dir, "--preset", args.preset, *sets])
+        train.run(["--data", data, "--workdir", train_dir, *config.to_argv(args)])
     if stage("extract", _exists(join(feats, MANIFEST_NAME)), feats):
         extract.run(
             [

@@ -4,6 +4,9 @@ Nothing is downloaded, so `make demo` and the tests run offline.
   digits          scikit-learn's 1,797 handwritten digits, 8x8 grey, labels "0".."9"
   natural-images  ten photographs bundled with scikit-image and scikit-learn, for
                   UFLDL-style patch learning (use --patches)
+  natural-images-whitened
+                  the same photographs in grey, whitened as Olshausen & Field's IMAGES
+                  (the data of UFLDL's sparse autoencoder exercise), stored as uint8
   faces           scikit-image's LFW subset: 100 faces and 100 non-faces, 25x25 grey
 """
 
@@ -45,6 +48,30 @@ def _natural_images() -> tuple[list[np.ndarray], list[str | None], list[str]]:
     return images, [None] * len(images), []
 
 
+def whiten(grey: np.ndarray) -> np.ndarray:
+    """Olshausen & Field's whitening: filter the spectrum by f * exp(-(f / f0)^4).
+
+    grey: float [H, W]. Returns uint8 [H, W]: the whitened image divided by its std,
+    clipped to +-3 std and mapped to 0..255. The ramp f flattens the 1/f amplitude
+    spectrum of natural images; the exp cut-off removes the corner frequencies.
+    """
+    h, w = grey.shape
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.fftfreq(w)[None, :]
+    f = np.sqrt(fx * fx + fy * fy)
+    f0 = 0.4 * 0.5  # 0.4 of the Nyquist frequency, as f0 = 200 cycles for 512-pixel images
+    spectrum = np.fft.fft2(grey - grey.mean()) * f * np.exp(-((f / f0) ** 4))
+    white = np.real(np.fft.ifft2(spectrum))
+    white = np.clip(white / white.std(), -3.0, 3.0)
+    return np.rint((white + 3.0) * (255.0 / 6.0)).astype(np.uint8)
+
+
+def _natural_images_whitened() -> tuple[list[np.ndarray], list[str | None], list[str]]:
+    images, labels, names = _natural_images()
+    grey = [im if im.ndim == 2 else im[..., :3] @ np.array([0.299, 0.587, 0.114]) for im in images]
+    return [whiten(g.astype(np.float64)) for g in grey], labels, names
+
+
 def _faces() -> tuple[list[np.ndarray], list[str | None], list[str]]:
     import skimage.data
 
@@ -57,6 +84,7 @@ def _faces() -> tuple[list[np.ndarray], list[str | None], list[str]]:
 _LOADERS: dict[str, Callable[[], tuple[list[np.ndarray], list[str | None], list[str]]]] = {
     "digits": _digits,
     "natural-images": _natural_images,
+    "natural-images-whitened": _natural_images_whitened,
     "faces": _faces,
 }
 NAMES = tuple(_LOADERS)

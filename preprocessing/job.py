@@ -130,18 +130,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="share of inputs that go to the eval split, by a hash of the "
         "input's key, so reruns split identically (default: 0.1)",
     )
-    p.add_argument(
-        "--num-shards",
-        type=_positive,
-        help="shards per split (default: from --target-shard-mb, with at least "
-        f"10 per split when each gets >= {sharding.MIN_ELEMENTS_PER_SHARD} examples)",
-    )
-    p.add_argument(
-        "--target-shard-mb",
-        type=float,
-        default=100.0,
-        help="target shard size in MB (default: 100)",
-    )
+    sharding.add_arguments(p, "per-split")
     p.add_argument(
         "--compression",
         choices=("none", "gzip"),

@@ -71,6 +71,23 @@ def num_shards_for(count: int, nbytes: int, target_mb: float, fixed: int | None 
     return max(1, by_size, min(10, count // MIN_ELEMENTS_PER_SHARD))
 
 
+def add_arguments(parser, what: str) -> None:
+    """--num-shards and --target-shard-mb, for the jobs that write shards."""
+    parser.add_argument(
+        "--num-shards",
+        type=int,
+        metavar="N",
+        help=f"{what} shards (default: from --target-shard-mb, with at least "
+        f"10 when each gets >= {MIN_ELEMENTS_PER_SHARD} elements)",
+    )
+    parser.add_argument(
+        "--target-shard-mb",
+        type=float,
+        default=100.0,
+        help="target shard size in MB (default: 100)",
+    )
+
+
 def _batch_counts(batch: list) -> dict[str, tuple[int, int]]:
     """{group: (elements, payload bytes)} of one batch of (group, key, payload)."""
     counts: dict[str, tuple[int, int]] = {}

@@ -248,3 +248,25 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) ->
             raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(hints)}")
         changes[key] = _parse(key, text, hints[key])
     return dataclasses.replace(cfg, **changes)
+
+
+def add_arguments(parser) -> None:
+    """--preset and --set, for every command that trains (train, retrain, run)."""
+    parser.add_argument(
+        "--preset",
+        default="digits",
+        choices=sorted(PRESETS),
+        help="named config (default: digits); see trainer/config.py",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set hidden=64 (repeatable)",
+    )
+
+
+def to_argv(args) -> list[str]:
+    """The --preset/--set flags of parsed `args`, to pass on to `sae train`."""
+    return ["--preset", args.preset, *(x for s in args.set for x in ("--set", s))]

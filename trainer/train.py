@@ -31,7 +31,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: restart me
 
 
 def make_parser() -> ArgumentParser:
-    from trainer.config import PRESETS
+    from trainer import config as config_lib
 
     p = ArgumentParser(
         prog="sae train",
@@ -47,19 +47,7 @@ def make_parser() -> ArgumentParser:
         required=True,
         help="run folder (local or gs://); rerunning with the same one resumes",
     )
-    p.add_argument(
-        "--preset",
-        default="digits",
-        choices=sorted(PRESETS),
-        help="named config (default: digits); see trainer/config.py",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set hidden=64 (repeatable)",
-    )
+    config_lib.add_arguments(p)
     p.add_argument(
         "--strategy",
         default="auto",
