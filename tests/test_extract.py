@@ -146,7 +146,24 @@ def test_overwrite_swaps_sets_and_refuses_without_it(digits, model, tmp_path):
 
 
 @pytest.mark.slow
-def test_rerun_after_a_killed_run_is_exactly_once(digits, model, tmp_path):
+def test_rerun_after_a_killed_run_is_exactly_once(model, tmp_path):
+    # 20,000 patches encoded 16 at a time: long enough to be killed mid-run.
+    data = str(tmp_path / "patches")
+    job.run(
+        [
+            "--input",
+            "builtin:natural-images",
+            "--output",
+            data,
+            "--patches",
+            "2000",
+            "--patch-size",
+            "8",
+            "--channels",
+            "1",
+            *FAST,
+        ]
+    )
     out = tmp_path / "feats"
     cmd = [
         sys.executable,
@@ -154,13 +171,13 @@ def test_rerun_after_a_killed_run_is_exactly_once(digits, model, tmp_path):
         "pipeline.cli",
         "extract",
         "--data",
-        digits,
+        data,
         "--model",
         model,
         "--output",
         str(out),
         "--batch-size",
-        "32",
+        "16",
         "--num-shards",
         "4",
         "--direct_running_mode=multi_processing",
@@ -171,7 +188,7 @@ def test_rerun_after_a_killed_run_is_exactly_once(digits, model, tmp_path):
     )
     deadline = time.time() + 120
     while time.time() < deadline and not any(out.glob(".staging-*/.parts-*/*.part")):
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its Beam workers
     proc.wait()
     assert not (out / "manifest.json").exists()
@@ -184,8 +201,8 @@ def test_rerun_after_a_killed_run_is_exactly_once(digits, model, tmp_path):
         for s in m["shards"]
         for rec in tf.data.TFRecordDataset(str(out / s["tfrecord"]))
     ]
-    assert len(keys) == len(set(keys)) == m["num_inputs"] == m["num_written"]
-    assert keys and not list(out.glob(".staging-*"))
+    assert len(keys) == len(set(keys)) == m["num_inputs"] == m["num_written"] == 20_000
+    assert not list(out.glob(".staging-*"))
 
 
 def test_bad_records_become_error_entries(digits, model, tmp_path):
