@@ -340,15 +340,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the features manifest."""
     args, beam_args = make_parser().parse_known_args(argv)
     preprocess_job.configure_logging(args.verbose)
-    from trainer import export as export_lib
-
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not formats or set(formats) - set(FORMATS):
         raise UserError(f"invalid --format {args.format!r}: use tfrecord, parquet or both")
     if args.batch_size < 1:
         raise UserError(f"invalid --batch-size {args.batch_size}: expected >= 1")
     export_dir, version = models.resolve(args.model)
-    info = export_lib.load_info(export_dir)
+    info = models.export_info(export_dir)
     shape = tuple(info["image_shape"])
     rho = float(info["config"]["rho"])
     kind, value = parse_sparsify(args.sparsify, rho)
@@ -401,6 +399,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 | "AllInputs" >> beam.Flatten()
                 | "CountInputs" >> beam.combiners.Count.Globally()
             )
+            # Known up front from the manifest, so rows stream into shards as they are
+            # encoded (a count computed in the pipeline would make the runner hold them).
+            expected = p | "ExpectedInputs" >> beam.Create(
+                [sum(data.num_examples(s) for s in splits)]
+            )
         else:
             source = sources.parse(args.data)
             opts = {
@@ -417,14 +420,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
             # Decoded batches (<= 256 images) are the encode batches.
             batches = decoded.examples | "FromDecoded" >> beam.Map(_from_decoded)
             errors = decoded.errors
-            count = preprocess_job.count_batched(decoded.items, "CountInputs")
+            count = expected = preprocess_job.count_batched(decoded.items, "CountInputs")
             header["label_names"] = None  # filled below from the decoded labels
         encoded = batches | "Encode" >> beam.ParDo(Encode(export_dir, kind, value)).with_outputs(
             "stats", main="features"
         )
         # Sized for the dense worst case (every unit kept): ~6 bytes per unit plus the key.
         row_bytes = 6 * header["dim"] + 100
-        num_shards = count | "NumShards" >> beam.Map(
+        num_shards = expected | "NumShards" >> beam.Map(
             lambda n: {
                 "features": sharding.num_shards_for(
                     n, n * row_bytes, args.target_shard_mb, args.num_shards

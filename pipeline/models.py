@@ -22,10 +22,11 @@ import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import tensorflow as tf
+from apache_beam.io.filesystems import FileSystems
 
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import join
+from trainer import EXPORT_INFO
 
 CURRENT = "CURRENT"
 VERDICT = "verdict.json"
@@ -41,12 +42,12 @@ def new_version() -> str:
 def resolve(uri: str) -> tuple[str, str | None]:
     """(export dir, version or None) for a model URI; raises UserError if there is none."""
     uri = uri.rstrip("/")
-    if tf.io.gfile.exists(join(uri, "saved_model.pb")):
+    if FileSystems.exists(join(uri, "saved_model.pb")):
         return uri, None
     version, _ = read_current(uri)
     if version is not None:
         export = join(uri, "versions", version, "export")
-        if not tf.io.gfile.exists(join(export, "saved_model.pb")):
+        if not FileSystems.exists(join(export, "saved_model.pb")):
             raise UserError(
                 f"{join(uri, CURRENT)} names version {version!r} but {export} has no model"
             )
@@ -137,34 +138,42 @@ class Version:
     rolled_back: bool
 
 
-def _read_json(path: str) -> dict | None:
-    if not tf.io.gfile.exists(path):
+def read_json(path: str) -> dict | None:
+    """A JSON file (local or gs://), or None if it does not exist."""
+    if not FileSystems.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
+    with FileSystems.open(path) as f:
         return json.load(f)
 
 
 def write_json(path: str, data: dict) -> None:
-    with tf.io.gfile.GFile(path, "w") as f:
-        json.dump(data, f, indent=2)
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(data, indent=2).encode())
+
+
+def export_info(export_dir: str) -> dict:
+    """The config, image shape and label names stored beside a SavedModel export."""
+    info = read_json(join(export_dir, EXPORT_INFO))
+    if info is None:
+        raise UserError(f"{export_dir} has no {EXPORT_INFO}: not a `sae train` export")
+    return info
 
 
 def versions(root: str) -> list[Version]:
-    """All versions under ROOT/versions, oldest first."""
+    """All versions under ROOT/versions (each starts with its config.json), oldest first."""
     base = join(root.rstrip("/"), "versions")
-    if not tf.io.gfile.isdir(base):
-        return []
-    out = []
-    for name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(base)):
-        d = join(base, name)
-        out.append(
-            Version(name, _read_json(join(d, VERDICT)), tf.io.gfile.exists(join(d, ROLLED_BACK)))
+    configs = FileSystems.match([join(base, "*", "config.json")])[0].metadata_list
+    names = sorted(m.path[len(base) + 1 :].split("/")[0] for m in configs)
+    return [
+        Version(
+            n, read_json(join(base, n, VERDICT)), FileSystems.exists(join(base, n, ROLLED_BACK))
         )
-    return out
+        for n in names
+    ]
 
 
 def has_export(root: str, version: str) -> bool:
-    return tf.io.gfile.exists(
+    return FileSystems.exists(
         join(root.rstrip("/"), "versions", version, "export", "saved_model.pb")
     )
 

@@ -74,9 +74,9 @@ def evaluate_export(
     import tensorflow as tf
 
     from preprocessing import manifest as manifest_lib
-    from trainer import data, export
+    from trainer import data
 
-    info = export.load_info(export_dir)
+    info = models.export_info(export_dir)
     dataset = manifest_lib.load(data_root)
     if tuple(dataset.image_shape) != tuple(info["image_shape"]):
         raise UserError(

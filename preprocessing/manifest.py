@@ -62,16 +62,16 @@ class Manifest:
 
 def load(root: str) -> Manifest:
     """Reads and checks ROOT/manifest.json (local path or gs://)."""
-    import tensorflow as tf
+    from apache_beam.io.filesystems import FileSystems
 
     path = join(root, MANIFEST_NAME)
-    if not tf.io.gfile.exists(path):
+    if not FileSystems.exists(path):
         raise UserError(
             f"no dataset at {root}: {path} is missing (the preprocessing job writes it "
             f"last; run `sae preprocess --output {root}` or wait for it to finish)"
         )
     try:
-        with tf.io.gfile.GFile(path) as f:
+        with FileSystems.open(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); rerun `sae preprocess`") from None

@@ -32,6 +32,20 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _varints(values) -> bytes:
+    """Packed varints of int64 values; vectorized for long lists (feature indices)."""
+    if len(values) < 16:
+        return b"".join(_varint(int(v)) for v in values)
+    v = np.asarray(values, np.int64).view(np.uint64)[:, None]
+    shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
+    groups = (v >> shifts) & np.uint64(0x7F)  # 7-bit groups, least significant first
+    nonzero = (v >> shifts) != 0
+    nbytes = np.where(nonzero.any(1), 10 - np.argmax(nonzero[:, ::-1], axis=1), 1)
+    position = np.arange(10)[None, :]
+    more = (position < nbytes[:, None] - 1).astype(np.uint64) * np.uint64(0x80)
+    return (groups | more).astype(np.uint8)[position < nbytes[:, None]].tobytes()
+
+
 def _len_field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2)."""
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
@@ -44,7 +58,7 @@ def _feature(value: FeatureValue) -> bytes:
     if isinstance(value, np.ndarray) and value.dtype == np.float32:
         packed = value.astype("<f4").tobytes()
         return _len_field(2, _len_field(1, packed) if len(value) else b"")
-    packed = b"".join(_varint(int(v)) for v in value)
+    packed = _varints(value)
     return _len_field(3, _len_field(1, packed) if len(packed) else b"")
 
 

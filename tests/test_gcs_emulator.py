@@ -111,7 +111,9 @@ def test_beam_filesystems(gcs_prefix):
     write(f"{gcs_prefix}/in/sub/deeper/c.txt", b"CCC")
 
     assert listing(f"{gcs_prefix}/**") == [
-        f"{gcs_prefix}/in/a.txt", f"{gcs_prefix}/in/sub/b.txt", f"{gcs_prefix}/in/sub/deeper/c.txt"
+        f"{gcs_prefix}/in/a.txt",
+        f"{gcs_prefix}/in/sub/b.txt",
+        f"{gcs_prefix}/in/sub/deeper/c.txt",
     ]
     assert listing(f"{gcs_prefix}/in/*.txt") == [f"{gcs_prefix}/in/a.txt"]
     assert len(FileSystems.match([f"{gcs_prefix}/**"], limits=[1])[0].metadata_list) == 1
@@ -125,8 +127,10 @@ def test_beam_filesystems(gcs_prefix):
     FileSystems.rename([f"{gcs_prefix}/in/a.txt"], [f"{gcs_prefix}/out/a.txt"])
     FileSystems.copy([f"{gcs_prefix}/in/sub/"], [f"{gcs_prefix}/copy/"])  # a "directory"
     assert listing(f"{gcs_prefix}/**") == [
-        f"{gcs_prefix}/copy/b.txt", f"{gcs_prefix}/copy/deeper/c.txt",
-        f"{gcs_prefix}/in/sub/b.txt", f"{gcs_prefix}/in/sub/deeper/c.txt",
+        f"{gcs_prefix}/copy/b.txt",
+        f"{gcs_prefix}/copy/deeper/c.txt",
+        f"{gcs_prefix}/in/sub/b.txt",
+        f"{gcs_prefix}/in/sub/deeper/c.txt",
         f"{gcs_prefix}/out/a.txt",
     ]
     FileSystems.delete([f"{gcs_prefix}/in/sub/b.txt", f"{gcs_prefix}/in/sub/deeper/c.txt"])
@@ -171,19 +175,17 @@ def test_beam_direct_runner_text_round_trip(gcs_prefix, mode):
 
     with beam.Pipeline(options=options) as p:
         written = p | beam.Create(lines) | beam.io.WriteToText(f"{gcs_prefix}/x/out", num_shards=3)
-        _ = (
-            written
-            | beam.Map(lambda _path: 0)
-            | beam.Map(_record_worker, marker_dir=markers)
-        )
+        _ = written | beam.Map(lambda _path: 0) | beam.Map(_record_worker, marker_dir=markers)
     shards = sorted(m.path for m in FileSystems.match([f"{gcs_prefix}/x/out*"])[0].metadata_list)
     assert shards == [f"{gcs_prefix}/x/out-0000{i}-of-00003" for i in range(3)]
 
     with beam.Pipeline(options=options) as p:
         assert_that(p | beam.io.ReadFromText(f"{gcs_prefix}/x/**"), equal_to(lines))
 
-    pids = {int(m.path.rsplit("/", 1)[1].split("-")[0])
-            for m in FileSystems.match([f"{markers}/*"])[0].metadata_list}
+    pids = {
+        int(m.path.rsplit("/", 1)[1].split("-")[0])
+        for m in FileSystems.match([f"{markers}/*"])[0].metadata_list
+    }
     assert pids
     if "multi_processing" in mode[0]:
         assert os.getpid() not in pids, "the marker should come from a worker subprocess"
@@ -256,7 +258,10 @@ def test_child_process_inherits_the_emulator(gcs_prefix):
     bucket.blob(f"{prefix}/from-parent").upload_from_string(b"parent")
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, gcs_prefix],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"seen": "parent"}

@@ -232,7 +232,7 @@ def test_learns_digits_and_is_sparse(digits):
     )
     evaluation = tf.data.Dataset.from_tensor_slices(digits).batch(512)
     before = evaluate_metrics(model, evaluation)
-    steps = len(digits) // cfg.global_batch_size
+    steps = cfg.steps_per_epoch or len(digits) // cfg.global_batch_size
     start = time.perf_counter()
     model.fit(train, epochs=cfg.epochs, steps_per_epoch=steps, verbose=0)
     seconds = time.perf_counter() - start

@@ -381,9 +381,9 @@ def test_export_loads_without_project_code_and_matches_the_checkpoint(data_dir, 
     np.testing.assert_allclose(
         served["reconstructions"], model.reconstruct(images).numpy(), atol=1e-5
     )
-    from trainer import export
+    from trainer import EXPORT_INFO
 
-    info = export.load_info(str(workdir / "export"))
+    info = json.loads((workdir / "export" / EXPORT_INFO).read_text())
     assert info["config"] == cfg.to_dict() and info["image_shape"] == list(cfg.input_shape)
     assert info["step"] == cfg.epochs * cfg.steps_per_epoch
 

@@ -16,6 +16,7 @@ from preprocessing import wire
         {"b": bytes(range(256)) * 40, "i": [1, 127, 128, 2**40, -1, -(2**63)]},
         {"f": np.array([0.5, -1e30, np.inf, 3.25], np.float32), "i": []},
         {"key": "ünïcode/ключ".encode(), "i": [2**63 - 1]},
+        {"i": [0, 1, 127, 128, 300, 2**14, 2**35, 2**63 - 1, -1, -(2**40)] * 5},  # vectorized
     ],
 )
 def test_example_bytes_parse_with_tensorflow(features):

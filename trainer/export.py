@@ -6,7 +6,7 @@
     x = m.signatures["normalize"](images=...)["inputs"]  # what x_hat approximates [b, H, W, C]
 
 The input normalization is inside the graph, so callers pass the raw uint8
-pixels the records hold. `EXPORT_INFO` (JSON beside the SavedModel) records the
+pixels the records hold. `trainer.EXPORT_INFO` (JSON beside the SavedModel) records the
 config, the image shape and the label names for tools like `sae extract`.
 
 Exports are atomic: the SavedModel is written to a temporary sibling and renamed
@@ -23,8 +23,7 @@ import uuid
 import tensorflow as tf
 
 from preprocessing.manifest import join
-
-EXPORT_INFO = "sae_export.json"
+from trainer import EXPORT_INFO
 
 
 class _Serving(tf.Module):
@@ -86,8 +85,3 @@ def _publish(tmp: str, path: str) -> None:
         tf.io.gfile.makedirs(posixpath.dirname(join(path, rel)))
         tf.io.gfile.rename(join(tmp, rel), join(path, rel))
     tf.io.gfile.rmtree(tmp)
-
-
-def load_info(path: str) -> dict:
-    with tf.io.gfile.GFile(join(path, EXPORT_INFO)) as f:
-        return json.load(f)
