@@ -1,0 +1,746 @@
+"""Training throughput (examples/s) of the sae trainer against its input-free bound and baselines.
+
+    .venv/bin/python benchmarks/train_bench.py                          # full run
+    .venv/bin/python benchmarks/train_bench.py --examples 5000 --epochs 2   # smoke run
+    .venv/bin/python benchmarks/train_bench.py --workdir /tmp/tb --out tb.json   # reuses data
+
+For each model size (`--sizes`, default 784x256 and 64x25; global batch 256) it:
+1. Makes a TFRecord dataset with the real preprocessing job (`sae preprocess --input
+   builtin:natural-images --patches P --patch-size K --channels 1 --num-shards 8
+   --eval-fraction 0.15`, a subprocess), i.e. random KxK grey patches of the ten bundled
+   photos; eval fraction 0.15 puts exactly one photo in the eval split, so the train split has
+   9 * ceil(examples / 9) patches. A dataset already in --workdir is reused.
+2. Times each contender on that train split, same batch, same number of steps: one warm-up
+   epoch (tracing, first file opens, shuffle-buffer fill), then --epochs timed epochs of
+   --steps-per-epoch steps (default: one pass, train examples // 256). Per epoch,
+   examples/s = steps * 256 / wall seconds of the epoch; reported: the median over the timed
+   epochs and its min/max. The TF contenders run in this process, one after another:
+     input_pipeline_only  `trainer.data.train_stream` iterated alone, no model: the most the
+                     input pipeline can deliver here (and the CPU it needs to do so).
+     a_sae_stream    the production input pipeline and model: `trainer.data.train_stream`
+                     reading the TFRecord shards from disk (interleave, shuffle, batch, parse)
+                     into `trainer.model.build_model(cfg)`, `model.fit(stream, steps_per_epoch=S,
+                     epochs=1+E)`, the SparseAutoencoder's own train_step. Not timed: the
+                     trainer's callbacks, validation, eval and export (a_sae_cli has them).
+     b_in_memory     the same model and train_step fed the same uint8 images, already batched,
+                     from memory: `from_tensor_slices(batches).repeat().prefetch` (the
+                     input-free upper bound).
+     c_keras_example1  the seed article's Example 1: Sequential Dense(s, sigmoid,
+                     activity_regularizer=l1(1e-5)) -> Dense(n, sigmoid), compile('adam',
+                     'mse'), fit(X, X, batch_size=256) on a float32 NumPy array of pixels / 255
+                     (the train images, tiled to S * 256 rows so every epoch is S full batches).
+     a_sae_cli       the real command: `sae train --data D --workdir W --preset P --set
+                     hidden=s --set input_shape=K,K,1 --set global_batch_size=256 --set
+                     epochs=1+E --set steps_per_epoch=S --set checkpoint_every_steps=0 --set
+                     eval_batches=1 --verbose 0` as a subprocess; an epoch is the time between
+                     consecutive epoch-end TensorBoard events, so it includes the trainer's
+                     per-epoch work (1 validation batch, a checkpoint, the TensorBoard filter
+                     picture and histogram). Its start-up, final eval and export are excluded
+                     (whole_run_seconds has them).
+   and in a subprocess of this script (so that TensorFlow and torch never share a process):
+     d_torch         the same UFLDL cost (0.5 * sum-over-pixels squared error / m + lambda/2
+                     (|W1|^2 + |W2|^2) + beta * sum_j KL(rho || rho_hat_j)) in a plain PyTorch
+                     CPU loop: two nn.Linear, sigmoid, Adam, batches sliced from a float32 tensor
+                     by a per-pass torch.randperm, loss.item() every step,
+                     torch.set_num_threads(cpu count). Inputs are normalized beforehand, once
+                     (untimed), so d does less per step than a, which normalizes uint8 in-graph.
+     d_torch_dataloader  the same loop fed by DataLoader(TensorDataset(X), batch_size=256,
+                     shuffle=True, drop_last=True), the textbook way.
+   The model config is the preset (`mnist` for 784 inputs, `natural-patches` for 64, i.e. the
+   UFLDL exercises' rho / beta / lambda / learning rate and pixel normalization) with hidden,
+   input_shape and global_batch_size=256 overridden; d uses the same hyper-parameters.
+
+Output: progress on stderr, one JSON object on stdout (and in --out FILE):
+  sizes["784x256"].runs[NAME] = {examples_per_s (median), min, max, epoch_seconds [timed],
+      warmup_seconds, cores_used (this process's CPU / wall over the timed epochs: the input
+      pipeline's threads show here), background_cores (CPU other work used meanwhile; near 0
+      for a clean number), what}; a skipped contender is {"skipped": "why"}, a failed one
+      {"failed": "why"}.
+  sizes[...].ratio_a_over_b    a_sae_stream / b_in_memory     target >= 0.95 (input never starves)
+  sizes[...].ratio_a_over_d    a_sae_stream / the faster torch loop   target > 1
+  sizes[...].ratio_a_cli_over_a, ratio_a_over_c, ratio_input_only_over_b   for diagnosis: the
+      trainer's per-epoch extras; the article's baseline; the pipeline's headroom (near or
+      below 1 means the pipeline alone cannot keep up with the model).
+  sizes[...].targets           thresholds and pass booleans (null when not measured)
+  targets_all_pass             every target of every size passed (null if one was not measured)
+With torch not installed, d is reported as "skipped: torch not installed" (install it with
+`.venv/bin/pip install torch==2.13.0`, the CPU wheel; torch is not a runtime dependency).
+Numbers are single measurements, contenders run one after another: on a shared machine trust a
+ratio only when background_cores is near 0 for both runs. PyTorch with as many threads as cores
+slows down far more than TensorFlow when another process takes a core.
+
+Run time on 2 cores (AMD EPYC, shared with other work): the smoke run (--examples 5000
+--epochs 2) took 81 s, 30 s of it making the two datasets. The full default run (30,000
+examples, 117 steps x (1 + 10) epochs per contender) was not run here; from the smoke run's
+rates it takes about 4 min on an idle machine (1 min making the datasets, reused with
+--workdir), up to about 7 min when the machine is busy (mostly the torch loops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+BATCH = 256
+NUM_SHARDS = 8
+# sha256-hash split of the ten builtin photo keys: 0.15 sends exactly one (a whole photo's
+# patches) to eval; the default 0.1 sends none. Checked after the job.
+EVAL_FRACTION = 0.15
+TRAIN_PHOTOS = 9
+TARGET_A_OVER_B = 0.95
+TORCH_PIN = "torch==2.13.0"
+TORCH_MISSING = f"skipped: torch not installed (install it with: .venv/bin/pip install {TORCH_PIN})"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        try:
+            n, s = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NxS like 784x256, got {item!r}") from None
+        side = math.isqrt(n)
+        if n < 4 or side * side != n or s < 1:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: inputs must be a square number of grey pixels (64, 784, ...) and "
+                "hidden units >= 1"
+            )
+        out.append((n, s))
+    return out
+
+
+def preset_for(n: int) -> str:
+    return "natural-patches" if n == 64 else "mnist"
+
+
+def model_config(n: int, s: int):
+    from trainer import config as config_lib
+
+    side = math.isqrt(n)
+    overrides = [f"hidden={s}", f"input_shape={side},{side},1", f"global_batch_size={BATCH}"]
+    return config_lib.apply_overrides(config_lib.preset(preset_for(n)), overrides), overrides
+
+
+# ----------------------------------------------------------------------------
+# Data: the real preprocessing job, then the train split as a uint8 array.
+# ----------------------------------------------------------------------------
+def make_dataset(workdir: Path, side: int, examples: int) -> Path:
+    """workdir/data-KxK-N: natural-image patches via `sae preprocess`; reused if complete."""
+    out = workdir / f"data-{side}x{side}-{examples}"
+    patches = -(-examples // TRAIN_PHOTOS)
+    want = {
+        "patches": patches,
+        "patch_size": side,
+        "channels": 1,
+        "num_shards": NUM_SHARDS,
+        "eval_fraction": EVAL_FRACTION,
+        "seed": 0,
+    }
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        opts = json.loads(manifest_path.read_text())["options"]
+        if all(opts.get(k) == v for k, v in want.items()):
+            log(f"reusing {out}")
+            return out
+    sae = shutil.which("sae", path=os.path.dirname(sys.executable)) or shutil.which("sae")
+    if sae is None:
+        raise SystemExit("cannot find the `sae` command; install the package (make setup)")
+    cmd = [
+        sae,
+        "preprocess",
+        "--input",
+        "builtin:natural-images",
+        "--output",
+        str(out),
+        "--patches",
+        str(patches),
+        "--patch-size",
+        str(side),
+        "--channels",
+        "1",
+        "--num-shards",
+        str(NUM_SHARDS),
+        "--eval-fraction",
+        str(EVAL_FRACTION),
+        "--seed",
+        "0",
+        "--overwrite",
+    ]
+    log(f"making {out}: {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    # Its stdout goes to our stderr: only the JSON report may reach our stdout.
+    subprocess.run(cmd, check=True, stdout=sys.stderr, env=_quiet_env())
+    m = json.loads(manifest_path.read_text())["splits"]
+    if m["eval"]["num_examples"] == 0 or m["train"]["num_examples"] < examples:
+        raise SystemExit(f"{out}: unexpected split sizes {m}; the eval split hash changed?")
+    log(f"made {out} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def load_train_images(data_dir: Path):
+    """(manifest, uint8 [N, H, W, 1]): the whole train split, read once (untimed)."""
+    import tensorflow as tf
+
+    from preprocessing import manifest as manifest_lib
+    from preprocessing import records
+
+    manifest = manifest_lib.load(str(data_dir))
+    shape = manifest.image_shape
+    ds = tf.data.TFRecordDataset(manifest.shard_paths("train")).batch(4096)
+    parts = [records.parse_batch(b, shape)["image"].numpy() for b in ds]
+    return manifest, np.concatenate(parts)
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+# ----------------------------------------------------------------------------
+def _busy_cpu_seconds() -> float:
+    """Machine-wide non-idle CPU seconds since boot, summed over cores."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return (
+        sum(t)
+        - t.idle
+        - getattr(t, "iowait", 0.0)
+        - getattr(t, "guest", 0.0)
+        - getattr(t, "guest_nice", 0.0)
+    )
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def summarize(epoch_seconds: list[float], steps: int, cpu: float, busy: float, what: str) -> dict:
+    """Epoch 0 is the warm-up; the rest are timed. cpu/busy: CPU seconds over the timed epochs."""
+    warmup, timed = epoch_seconds[0], epoch_seconds[1:]
+    rates = [steps * BATCH / t for t in timed]
+    wall = sum(timed)
+    return {
+        "examples_per_s": round(statistics.median(rates), 1),
+        "min": round(min(rates), 1),
+        "max": round(max(rates), 1),
+        "epoch_seconds": [round(t, 4) for t in timed],
+        "warmup_seconds": round(warmup, 3),
+        "cores_used": round(cpu / wall, 2),
+        "background_cores": round(max(0.0, busy - cpu) / wall, 2),
+        "what": what,
+    }
+
+
+def _epoch_timer():
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        """Wall time and process CPU of each epoch, and machine-wide busy CPU."""
+
+        def __init__(self):
+            super().__init__()
+            self.seconds, self.cpu, self.busy = [], [], []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t = (time.perf_counter(), _cpu(resource.RUSAGE_SELF), _busy_cpu_seconds())
+
+        def on_epoch_end(self, epoch, logs=None):
+            t, c, b = self._t
+            self.seconds.append(time.perf_counter() - t)
+            self.cpu.append(_cpu(resource.RUSAGE_SELF) - c)
+            self.busy.append(_busy_cpu_seconds() - b)
+
+        def summary(self, steps: int, what: str) -> dict:
+            return summarize(self.seconds, steps, sum(self.cpu[1:]), sum(self.busy[1:]), what)
+
+    return EpochTimer()
+
+
+def run_fit(model, data, steps: int, epochs: int, what: str, **fit_kwargs) -> dict:
+    timer = _epoch_timer()
+    model.fit(data, epochs=1 + epochs, callbacks=[timer], verbose=0, **fit_kwargs)
+    r = timer.summary(steps, what)
+    _log_rate(r)
+    return r
+
+
+def _log_rate(r: dict, name: str = "") -> None:
+    log(
+        f"  {name}{r['examples_per_s']:.0f} examples/s (min {r['min']:.0f}, max {r['max']:.0f}), "
+        f"{r['cores_used']} cores used, background {r['background_cores']} cores"
+    )
+
+
+# ----------------------------------------------------------------------------
+# The TensorFlow contenders (in this process).
+# ----------------------------------------------------------------------------
+def bench_sae_stream(cfg, manifest, steps: int, epochs: int) -> dict:
+    import keras
+
+    from trainer import data
+    from trainer import model as model_lib
+
+    keras.backend.clear_session()
+    model = model_lib.build_model(cfg)
+    stream = data.train_stream(manifest, cfg.global_batch_size, cfg.seed)
+    what = "trainer.data.train_stream (TFRecord shards on disk) -> build_model(cfg).fit"
+    return run_fit(model, stream, steps, epochs, what, steps_per_epoch=steps, shuffle=False)
+
+
+def bench_input_only(cfg, manifest, steps: int, epochs: int) -> dict:
+    """The production stream alone, no model: how fast the input pipeline can go here."""
+    from trainer import data
+
+    it = iter(data.train_stream(manifest, cfg.global_batch_size, cfg.seed))
+    seconds, cpu, busy = [], [], []
+    for _ in range(1 + epochs):
+        t, c, b = time.perf_counter(), _cpu(resource.RUSAGE_SELF), _busy_cpu_seconds()
+        for _ in range(steps):
+            next(it)
+        seconds.append(time.perf_counter() - t)
+        cpu.append(_cpu(resource.RUSAGE_SELF) - c)
+        busy.append(_busy_cpu_seconds() - b)
+    what = "trainer.data.train_stream iterated alone (no model): the input pipeline's ceiling"
+    r = summarize(seconds, steps, sum(cpu[1:]), sum(busy[1:]), what)
+    _log_rate(r)
+    return r
+
+
+def bench_in_memory(cfg, images: np.ndarray, steps: int, epochs: int) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from trainer import model as model_lib
+
+    keras.backend.clear_session()
+    model = model_lib.build_model(cfg)
+    k = len(images) // BATCH
+    batches = images[: k * BATCH].reshape(k, BATCH, *images.shape[1:])
+    ds = tf.data.Dataset.from_tensor_slices(batches).repeat().prefetch(tf.data.AUTOTUNE)
+    what = "same model, uint8 batches from memory: from_tensor_slices(batches).repeat().prefetch"
+    return run_fit(model, ds, steps, epochs, what, steps_per_epoch=steps, shuffle=False)
+
+
+def bench_keras_example1(images: np.ndarray, n: int, s: int, steps: int, epochs: int) -> dict:
+    import keras
+
+    keras.backend.clear_session()
+    model = keras.Sequential(
+        [
+            keras.Input((n,)),
+            keras.layers.Dense(
+                s, activation="sigmoid", activity_regularizer=keras.regularizers.l1(1e-5)
+            ),
+            keras.layers.Dense(n, activation="sigmoid"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    x = images.reshape(len(images), n).astype(np.float32) / 255.0
+    x = np.resize(x, (steps * BATCH, n))  # tiles the rows: every epoch is `steps` full batches
+    what = "article Example 1: Sequential Dense/Dense, compile('adam','mse'), fit(X, X) on NumPy"
+    return run_fit(model, x, steps, epochs, what, y=x, batch_size=BATCH)
+
+
+def bench_sae_cli(n: int, overrides, data_dir: Path, workdir: Path, steps: int, epochs: int):
+    """`sae train` as a user runs it; epochs timed from its TensorBoard epoch-end events."""
+    import tensorflow as tf
+
+    sae = shutil.which("sae", path=os.path.dirname(sys.executable)) or shutil.which("sae")
+    run_dir = workdir / "cli-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    sets = [
+        *overrides,
+        f"epochs={1 + epochs}",
+        f"steps_per_epoch={steps}",
+        "checkpoint_every_steps=0",
+        "eval_batches=1",
+    ]
+    cmd = [sae, "train", "--data", str(data_dir), "--workdir", str(run_dir)]
+    cmd += ["--preset", preset_for(n), *(a for item in sets for a in ("--set", item))]
+    cmd += ["--verbose", "0"]
+    cpu0, busy0, t0 = _cpu(resource.RUSAGE_CHILDREN), _busy_cpu_seconds(), time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, env=_quiet_env())
+    wall = time.perf_counter() - t0
+    cpu, busy = _cpu(resource.RUSAGE_CHILDREN) - cpu0, _busy_cpu_seconds() - busy0
+    ends = {}
+    for path in sorted((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            if any(v.tag == "epoch_loss" for v in event.summary.value):
+                ends[event.step] = event.wall_time
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace")[-2000:]
+        return {"failed": f"exit {proc.returncode}: {tail}", "command": " ".join(cmd)}
+    if len(ends) != 1 + epochs:
+        return {"failed": f"found {len(ends)} epoch-end events, expected {1 + epochs}"}
+    times = [ends[e] for e in sorted(ends)]
+    # The first event ends the warm-up epoch; the intervals after it are the timed epochs.
+    seconds = [b - a for a, b in zip(times, times[1:], strict=False)]
+    rates = [steps * BATCH / t for t in seconds]
+    r = {
+        "examples_per_s": round(statistics.median(rates), 1),
+        "min": round(min(rates), 1),
+        "max": round(max(rates), 1),
+        "epoch_seconds": [round(t, 4) for t in seconds],
+        "whole_run_seconds": round(wall, 2),
+        # Over the whole run (start-up, final eval and export included), not per epoch.
+        "cores_used": round(cpu / wall, 2),
+        "background_cores": round(max(0.0, busy - cpu) / wall, 2),
+        "what": "`sae train` subprocess; epoch = interval between epoch-end TensorBoard events",
+        "command": " ".join(cmd),
+    }
+    log(
+        f"  {r['examples_per_s']:.0f} examples/s (min {r['min']:.0f}, max {r['max']:.0f}); "
+        f"whole run {wall:.1f} s, background {r['background_cores']} cores"
+    )
+    return r
+
+
+# ----------------------------------------------------------------------------
+# The PyTorch contender (hidden --torch-worker mode, run as a subprocess).
+# ----------------------------------------------------------------------------
+def ufldl_normalize_np(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, ...] -> float32 [N, n]: the UFLDL sampleIMAGES normalization over the whole set."""
+    x = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    x -= x.mean(axis=1, keepdims=True)
+    limit = 3.0 * x.std()
+    return ((np.clip(x, -limit, limit) / limit + 1.0) * 0.4 + 0.1).astype(np.float32)
+
+
+def torch_worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    images = np.load(spec["images"])
+    if spec["normalization"] == "ufldl_patches":
+        x_all = torch.from_numpy(ufldl_normalize_np(images))
+    else:
+        x_all = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    n, s = x_all.shape[1], spec["hidden"]
+    rho, beta, lam, eps = spec["rho"], spec["beta"], spec["weight_decay"], spec["eps"]
+    sigmoid_decoder = spec["decoder"] == "sigmoid"
+    steps, epochs = spec["steps"], spec["epochs"]
+
+    class SparseAutoencoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(n, s)
+            self.decoder = torch.nn.Linear(s, n)
+            r = math.sqrt(6.0) / math.sqrt(n + s + 1)
+            for layer in (self.encoder, self.decoder):
+                torch.nn.init.uniform_(layer.weight, -r, r)
+                torch.nn.init.zeros_(layer.bias)
+
+        def forward(self, x):
+            a = torch.sigmoid(self.encoder(x))
+            out = self.decoder(a)
+            return a, torch.sigmoid(out) if sigmoid_decoder else out
+
+    def cost(model, x, a, x_hat):
+        rec = 0.5 * (x_hat - x).pow(2).sum() / x.shape[0]
+        wd = 0.5 * lam * (model.encoder.weight.pow(2).sum() + model.decoder.weight.pow(2).sum())
+        rho_hat = a.mean(dim=0).clamp(eps, 1.0 - eps)
+        kl = rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))
+        return rec + wd + beta * kl.sum()
+
+    def manual_batches():
+        while True:
+            perm = torch.randperm(len(x_all))
+            for i in range(len(x_all) // BATCH):
+                yield x_all[perm[i * BATCH : (i + 1) * BATCH]]
+
+    def dataloader_batches():
+        ds = torch.utils.data.TensorDataset(x_all)
+        loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, drop_last=True)
+        while True:
+            for (x,) in loader:
+                yield x
+
+    results = {}
+    for name, batches, what in (
+        ("d_torch", manual_batches, "PyTorch loop, batches x[randperm slice] of a float tensor"),
+        ("d_torch_dataloader", dataloader_batches, "PyTorch loop, DataLoader(TensorDataset)"),
+    ):
+        model = SparseAutoencoder()
+        opt = torch.optim.Adam(model.parameters(), lr=spec["learning_rate"])
+        it = batches()
+        seconds, cpus, busys = [], [], []
+        for _ in range(1 + epochs):
+            t, c, b = time.perf_counter(), _cpu(resource.RUSAGE_SELF), _busy_cpu_seconds()
+            total = 0.0
+            for _ in range(steps):
+                x = next(it)
+                a, x_hat = model(x)
+                loss = cost(model, x, a, x_hat)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item()
+            seconds.append(time.perf_counter() - t)
+            cpus.append(_cpu(resource.RUSAGE_SELF) - c)
+            busys.append(_busy_cpu_seconds() - b)
+            if not math.isfinite(total):
+                raise SystemExit(f"{name}: the loss became {total}")
+        results[name] = summarize(seconds, steps, sum(cpus[1:]), sum(busys[1:]), what)
+        results[name]["final_epoch_mean_loss"] = round(total / steps, 4)
+    results["torch_threads"] = torch.get_num_threads()
+    return results
+
+
+def bench_torch(cfg, images: np.ndarray, workdir: Path, steps: int, epochs: int) -> dict:
+    npy = workdir / "torch-images.npy"
+    np.save(npy, images)
+    spec = {
+        "images": str(npy),
+        "hidden": cfg.hidden,
+        "rho": cfg.rho,
+        "beta": cfg.beta,
+        "weight_decay": cfg.weight_decay,
+        "eps": cfg.eps,
+        "decoder": cfg.decoder,
+        "normalization": cfg.normalization,
+        "learning_rate": cfg.learning_rate,
+        "steps": steps,
+        "epochs": epochs,
+    }
+    cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, env=_quiet_env())
+    finally:
+        npy.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace")[-2000:]
+        log(f"  the torch worker failed (exit {proc.returncode}):\n{tail}")
+        failed = {"failed": f"exit {proc.returncode}: {tail}"}
+        return {"d_torch": failed, "d_torch_dataloader": failed, "torch_threads": None}
+    out = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    for name in ("d_torch", "d_torch_dataloader"):
+        _log_rate(out[name], f"{name}: ")
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Report.
+# ----------------------------------------------------------------------------
+def _quiet_env() -> dict:
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    import psutil
+
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": _version("tensorflow"),
+        "keras": _version("keras"),
+        "numpy": _version("numpy"),
+        "torch": _version("torch"),
+    }
+
+
+def _rate(runs: dict, name: str) -> float | None:
+    r = runs.get(name) or {}
+    return r.get("examples_per_s")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def bench_size(n: int, s: int, args, workdir: Path) -> dict:
+    side = math.isqrt(n)
+    cfg, overrides = model_config(n, s)
+    data_dir = make_dataset(workdir, side, args.examples)
+    manifest, images = load_train_images(data_dir)
+    steps = args.steps_per_epoch or len(images) // BATCH
+    log(f"{n}x{s}: {len(images)} train examples, {steps} steps x {args.epochs} timed epochs")
+    runs: dict = {}
+    log(f"{n}x{s} input_pipeline_only ...")
+    runs["input_pipeline_only"] = bench_input_only(cfg, manifest, steps, args.epochs)
+    log(f"{n}x{s} a_sae_stream ...")
+    runs["a_sae_stream"] = bench_sae_stream(cfg, manifest, steps, args.epochs)
+    log(f"{n}x{s} b_in_memory ...")
+    runs["b_in_memory"] = bench_in_memory(cfg, images, steps, args.epochs)
+    log(f"{n}x{s} c_keras_example1 ...")
+    runs["c_keras_example1"] = bench_keras_example1(images, n, s, steps, args.epochs)
+    if args.skip_cli:
+        runs["a_sae_cli"] = {"skipped": "--skip-cli"}
+    else:
+        log(f"{n}x{s} a_sae_cli ...")
+        runs["a_sae_cli"] = bench_sae_cli(n, overrides, data_dir, workdir, steps, args.epochs)
+    torch_threads = None
+    if args.skip_torch:
+        runs["d_torch"] = runs["d_torch_dataloader"] = {"skipped": "--skip-torch"}
+    elif _version("torch") is None:
+        log(f"torch is not installed: {TORCH_MISSING}")
+        runs["d_torch"] = runs["d_torch_dataloader"] = {"skipped": TORCH_MISSING}
+    else:
+        log(f"{n}x{s} d_torch, d_torch_dataloader (subprocess) ...")
+        out = bench_torch(cfg, images, workdir, steps, args.epochs)
+        torch_threads = out.pop("torch_threads")
+        runs.update(out)
+
+    a, b = _rate(runs, "a_sae_stream"), _rate(runs, "b_in_memory")
+    torch_rates = [r for r in (_rate(runs, "d_torch"), _rate(runs, "d_torch_dataloader")) if r]
+    d = max(torch_rates) if torch_rates else None
+    a_over_b, a_over_d = _ratio(a, b), _ratio(a, d)
+    return {
+        "model": f"{n} -> {s}",
+        "preset": preset_for(n),
+        "overrides": overrides,
+        "config": cfg.to_dict(),
+        "data": {
+            "dir": str(data_dir),
+            "source": f"builtin:natural-images, {side}x{side}x1 patches",
+            "train_examples": len(images),
+            "train_shards": len(manifest.shard_paths("train")),
+        },
+        "batch_size": BATCH,
+        "steps_per_epoch": steps,
+        "timed_epochs": args.epochs,
+        "torch_threads": torch_threads,
+        "runs": runs,
+        "ratio_a_over_b": a_over_b,
+        "ratio_a_over_c": _ratio(a, _rate(runs, "c_keras_example1")),
+        "ratio_a_over_d": a_over_d,
+        "ratio_a_cli_over_a": _ratio(_rate(runs, "a_sae_cli"), a),
+        "ratio_input_only_over_b": _ratio(_rate(runs, "input_pipeline_only"), b),
+        "targets": {
+            "a_over_b_min": TARGET_A_OVER_B,
+            "a_over_b_pass": None if a_over_b is None else a_over_b >= TARGET_A_OVER_B,
+            "a_over_d_vs": "the faster of d_torch and d_torch_dataloader",
+            "a_faster_than_d_pass": None if a_over_d is None else a_over_d > 1.0,
+        },
+    }
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Examples/s of `sae train` (TFRecords from disk) vs the same model fed from "
+        "memory, the article's Keras Example 1 and a PyTorch CPU loop. JSON on stdout.",
+    )
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=30_000,
+        help="train examples per size, at least (default: 30000)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=10, help="timed epochs after 1 warm-up (default: 10)"
+    )
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=0,
+        help="steps per epoch; 0 = one pass over the train split (default: 0)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=_sizes("784x256,64x25"),
+        help="models as INPUTSxHIDDEN, comma-separated (default: 784x256,64x25)",
+    )
+    p.add_argument("--skip-torch", action="store_true", help="do not run the PyTorch contender")
+    p.add_argument("--skip-cli", action="store_true", help="do not run the `sae train` subprocess")
+    p.add_argument(
+        "--workdir",
+        help="where datasets and scratch files go; datasets there are reused "
+        "(default: a temporary folder, deleted afterwards unless --keep)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary workdir")
+    p.add_argument("--out", help="also write the JSON to this file")
+    # Hidden: the PyTorch contender, run by this script as a subprocess.
+    p.add_argument("--torch-worker", metavar="SPEC_JSON", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.torch_worker:
+        print(json.dumps(torch_worker(json.loads(args.torch_worker))), flush=True)
+        return 0
+    if args.examples < BATCH or args.epochs < 1 or args.steps_per_epoch < 0:
+        raise SystemExit(f"need --examples >= {BATCH}, --epochs >= 1, --steps-per-epoch >= 0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not args.skip_torch and _version("torch") is None:
+        log(f"torch is not installed; d_torch will be reported as {TORCH_MISSING!r}")
+
+    temporary = args.workdir is None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train_bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log(f"workdir {workdir}")
+    t_start = time.perf_counter()
+    report: dict = {
+        "benchmark": "train",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": machine_info(),
+        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+        "batch_size": BATCH,
+        "timed": "per epoch: wall seconds of `steps_per_epoch` training steps after 1 warm-up "
+        "epoch; examples/s = steps * batch / seconds; median (min, max) over timed epochs",
+        "sizes": {},
+    }
+    try:
+        for n, s in args.sizes:
+            report["sizes"][f"{n}x{s}"] = bench_size(n, s, args, workdir)
+    finally:
+        if temporary and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif temporary:
+            log(f"kept {workdir}")
+    passes = [
+        v
+        for size in report["sizes"].values()
+        for k, v in size["targets"].items()
+        if k.endswith("_pass")
+    ]
+    report["targets_all_pass"] = None if None in passes else all(passes)
+    report["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
