@@ -394,11 +394,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
             batches = parsed.examples | "Batch" >> beam.BatchElements(
                 min_batch_size=min(32, args.batch_size), max_batch_size=args.batch_size
             )
-            count = (
-                (parsed.examples, errors)
-                | "AllInputs" >> beam.Flatten()
-                | "CountInputs" >> beam.combiners.Count.Globally()
-            )
+            # Counted branch by branch: a Flatten of the parsed rows would make the local
+            # runner hold all of them between stages.
+            count = None
+            parsed_ok = parsed.examples | "CountParsed" >> beam.combiners.Count.Globally()
             # Known up front from the manifest, so rows stream into shards as they are
             # encoded (a count computed in the pipeline would make the runner hold them).
             expected = p | "ExpectedInputs" >> beam.Create(
@@ -440,6 +439,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         )
         num_errors = errors | "WriteErrors" >> sharding.WriteErrors(join(staging, ERRORS_FILE))
         stats = encoded.stats | "Stats" >> beam.CombineGlobally(SumStats())
+        if count is None:
+            count = parsed_ok | "PlusErrors" >> beam.Map(
+                lambda n, e: n + e, beam.pvalue.AsSingleton(num_errors)
+            )
         si = beam.pvalue.AsSingleton
         if not is_dataset:
             header_pc = decoded.labels | "Header" >> beam.Map(
