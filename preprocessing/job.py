@@ -80,7 +80,7 @@ def make_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="SRC",
         help="folder, glob, gs:// prefix, list file (.txt/.csv: uri[,label] per "
-        "line), tfds:NAME[/CONFIG][:SPLIT] or builtin:{digits,natural-images,faces}",
+        "line), tfds:NAME[/CONFIG][:SPLIT] or builtin:NAME (see `sae datasets list`)",
     )
     p.add_argument(
         "--output",
