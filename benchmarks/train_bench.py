@@ -82,18 +82,29 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+from common import (
+    add_workdir_args,
+    busy_cpu_seconds,
+    cpu_seconds,
+    finish_report,
+    log,
+    make_patch_dataset,
+    open_workdir,
+    package_version,
+    quiet_env,
+    ratio,
+    sae_command,
+    start_report,
+)
 
 BATCH = 256
 NUM_SHARDS = 8
@@ -104,10 +115,6 @@ TRAIN_PHOTOS = 9
 TARGET_A_OVER_B = 0.95
 TORCH_PIN = "torch==2.13.0"
 TORCH_MISSING = f"skipped: torch not installed (install it with: .venv/bin/pip install {TORCH_PIN})"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -146,52 +153,9 @@ def make_dataset(workdir: Path, side: int, examples: int) -> Path:
     """workdir/data-KxK-N: natural-image patches via `sae preprocess`; reused if complete."""
     out = workdir / f"data-{side}x{side}-{examples}"
     patches = -(-examples // TRAIN_PHOTOS)
-    want = {
-        "patches": patches,
-        "patch_size": side,
-        "channels": 1,
-        "num_shards": NUM_SHARDS,
-        "eval_fraction": EVAL_FRACTION,
-        "seed": 0,
-    }
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        opts = json.loads(manifest_path.read_text())["options"]
-        if all(opts.get(k) == v for k, v in want.items()):
-            log(f"reusing {out}")
-            return out
-    sae = shutil.which("sae", path=os.path.dirname(sys.executable)) or shutil.which("sae")
-    if sae is None:
-        raise SystemExit("cannot find the `sae` command; install the package (make setup)")
-    cmd = [
-        sae,
-        "preprocess",
-        "--input",
-        "builtin:natural-images",
-        "--output",
-        str(out),
-        "--patches",
-        str(patches),
-        "--patch-size",
-        str(side),
-        "--channels",
-        "1",
-        "--num-shards",
-        str(NUM_SHARDS),
-        "--eval-fraction",
-        str(EVAL_FRACTION),
-        "--seed",
-        "0",
-        "--overwrite",
-    ]
-    log(f"making {out}: {' '.join(cmd[1:])}")
-    t0 = time.perf_counter()
-    # Its stdout goes to our stderr: only the JSON report may reach our stdout.
-    subprocess.run(cmd, check=True, stdout=sys.stderr, env=_quiet_env())
-    m = json.loads(manifest_path.read_text())["splits"]
-    if m["eval"]["num_examples"] == 0 or m["train"]["num_examples"] < examples:
-        raise SystemExit(f"{out}: unexpected split sizes {m}; the eval split hash changed?")
-    log(f"made {out} in {time.perf_counter() - t0:.0f} s")
+    splits, _ = make_patch_dataset(out, side, patches, NUM_SHARDS, EVAL_FRACTION)
+    if splits["eval"]["num_examples"] == 0 or splits["train"]["num_examples"] < examples:
+        raise SystemExit(f"{out}: unexpected split sizes {splits}; the eval split hash changed?")
     return out
 
 
@@ -212,35 +176,24 @@ def load_train_images(data_dir: Path):
 # ----------------------------------------------------------------------------
 # Timing.
 # ----------------------------------------------------------------------------
-def _busy_cpu_seconds() -> float:
-    """Machine-wide non-idle CPU seconds since boot, summed over cores."""
-    import psutil
-
-    t = psutil.cpu_times()
-    return (
-        sum(t)
-        - t.idle
-        - getattr(t, "iowait", 0.0)
-        - getattr(t, "guest", 0.0)
-        - getattr(t, "guest_nice", 0.0)
-    )
-
-
-def _cpu(who: int) -> float:
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
+def epoch_rates(seconds: list[float], steps: int) -> dict:
+    """examples/s of epochs of `steps` batches taking `seconds`: median, min, max, and the
+    seconds."""
+    rates = [steps * BATCH / t for t in seconds]
+    return {
+        "examples_per_s": round(statistics.median(rates), 1),
+        "min": round(min(rates), 1),
+        "max": round(max(rates), 1),
+        "epoch_seconds": [round(t, 4) for t in seconds],
+    }
 
 
 def summarize(epoch_seconds: list[float], steps: int, cpu: float, busy: float, what: str) -> dict:
     """Epoch 0 is the warm-up; the rest are timed. cpu/busy: CPU seconds over the timed epochs."""
     warmup, timed = epoch_seconds[0], epoch_seconds[1:]
-    rates = [steps * BATCH / t for t in timed]
     wall = sum(timed)
     return {
-        "examples_per_s": round(statistics.median(rates), 1),
-        "min": round(min(rates), 1),
-        "max": round(max(rates), 1),
-        "epoch_seconds": [round(t, 4) for t in timed],
+        **epoch_rates(timed, steps),
         "warmup_seconds": round(warmup, 3),
         "cores_used": round(cpu / wall, 2),
         "background_cores": round(max(0.0, busy - cpu) / wall, 2),
@@ -259,13 +212,13 @@ def _epoch_timer():
             self.seconds, self.cpu, self.busy = [], [], []
 
         def on_epoch_begin(self, epoch, logs=None):
-            self._t = (time.perf_counter(), _cpu(resource.RUSAGE_SELF), _busy_cpu_seconds())
+            self._t = (time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), busy_cpu_seconds())
 
         def on_epoch_end(self, epoch, logs=None):
             t, c, b = self._t
             self.seconds.append(time.perf_counter() - t)
-            self.cpu.append(_cpu(resource.RUSAGE_SELF) - c)
-            self.busy.append(_busy_cpu_seconds() - b)
+            self.cpu.append(cpu_seconds(resource.RUSAGE_SELF) - c)
+            self.busy.append(busy_cpu_seconds() - b)
 
         def summary(self, steps: int, what: str) -> dict:
             return summarize(self.seconds, steps, sum(self.cpu[1:]), sum(self.busy[1:]), what)
@@ -311,12 +264,12 @@ def bench_input_only(cfg, manifest, steps: int, epochs: int) -> dict:
     it = iter(data.train_stream(manifest, cfg.global_batch_size, cfg.seed))
     seconds, cpu, busy = [], [], []
     for _ in range(1 + epochs):
-        t, c, b = time.perf_counter(), _cpu(resource.RUSAGE_SELF), _busy_cpu_seconds()
+        t, c, b = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), busy_cpu_seconds()
         for _ in range(steps):
             next(it)
         seconds.append(time.perf_counter() - t)
-        cpu.append(_cpu(resource.RUSAGE_SELF) - c)
-        busy.append(_busy_cpu_seconds() - b)
+        cpu.append(cpu_seconds(resource.RUSAGE_SELF) - c)
+        busy.append(busy_cpu_seconds() - b)
     what = "trainer.data.train_stream iterated alone (no model): the input pipeline's ceiling"
     r = summarize(seconds, steps, sum(cpu[1:]), sum(busy[1:]), what)
     _log_rate(r)
@@ -362,7 +315,6 @@ def bench_sae_cli(n: int, overrides, data_dir: Path, workdir: Path, steps: int, 
     """`sae train` as a user runs it; epochs timed from its TensorBoard epoch-end events."""
     import tensorflow as tf
 
-    sae = shutil.which("sae", path=os.path.dirname(sys.executable)) or shutil.which("sae")
     run_dir = workdir / "cli-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     sets = [
@@ -372,13 +324,13 @@ def bench_sae_cli(n: int, overrides, data_dir: Path, workdir: Path, steps: int, 
         "checkpoint_every_steps=0",
         "eval_batches=1",
     ]
-    cmd = [sae, "train", "--data", str(data_dir), "--workdir", str(run_dir)]
+    cmd = [sae_command(), "train", "--data", str(data_dir), "--workdir", str(run_dir)]
     cmd += ["--preset", preset_for(n), *(a for item in sets for a in ("--set", item))]
     cmd += ["--verbose", "0"]
-    cpu0, busy0, t0 = _cpu(resource.RUSAGE_CHILDREN), _busy_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, env=_quiet_env())
+    cpu0, busy0, t0 = cpu_seconds(resource.RUSAGE_CHILDREN), busy_cpu_seconds(), time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, env=quiet_env())
     wall = time.perf_counter() - t0
-    cpu, busy = _cpu(resource.RUSAGE_CHILDREN) - cpu0, _busy_cpu_seconds() - busy0
+    cpu, busy = cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0, busy_cpu_seconds() - busy0
     ends = {}
     for path in sorted((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
@@ -393,12 +345,8 @@ def bench_sae_cli(n: int, overrides, data_dir: Path, workdir: Path, steps: int, 
     times = [ends[e] for e in sorted(ends)]
     # The first event ends the warm-up epoch; the intervals after it are the timed epochs.
     seconds = [b - a for a, b in zip(times, times[1:], strict=False)]
-    rates = [steps * BATCH / t for t in seconds]
     r = {
-        "examples_per_s": round(statistics.median(rates), 1),
-        "min": round(min(rates), 1),
-        "max": round(max(rates), 1),
-        "epoch_seconds": [round(t, 4) for t in seconds],
+        **epoch_rates(seconds, steps),
         "whole_run_seconds": round(wall, 2),
         # Over the whole run (start-up, final eval and export included), not per epoch.
         "cores_used": round(cpu / wall, 2),
@@ -484,7 +432,7 @@ def torch_worker(spec: dict) -> dict:
         it = batches()
         seconds, cpus, busys = [], [], []
         for _ in range(1 + epochs):
-            t, c, b = time.perf_counter(), _cpu(resource.RUSAGE_SELF), _busy_cpu_seconds()
+            t, c, b = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), busy_cpu_seconds()
             total = 0.0
             for _ in range(steps):
                 x = next(it)
@@ -495,8 +443,8 @@ def torch_worker(spec: dict) -> dict:
                 opt.step()
                 total += loss.item()
             seconds.append(time.perf_counter() - t)
-            cpus.append(_cpu(resource.RUSAGE_SELF) - c)
-            busys.append(_busy_cpu_seconds() - b)
+            cpus.append(cpu_seconds(resource.RUSAGE_SELF) - c)
+            busys.append(busy_cpu_seconds() - b)
             if not math.isfinite(total):
                 raise SystemExit(f"{name}: the loss became {total}")
         results[name] = summarize(seconds, steps, sum(cpus[1:]), sum(busys[1:]), what)
@@ -523,7 +471,7 @@ def bench_torch(cfg, images: np.ndarray, workdir: Path, steps: int, epochs: int)
     }
     cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, env=_quiet_env())
+        proc = subprocess.run(cmd, capture_output=True, env=quiet_env())
     finally:
         npy.unlink(missing_ok=True)
     if proc.returncode != 0:
@@ -540,49 +488,9 @@ def bench_torch(cfg, images: np.ndarray, workdir: Path, steps: int, epochs: int)
 # ----------------------------------------------------------------------------
 # Report.
 # ----------------------------------------------------------------------------
-def _quiet_env() -> dict:
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict:
-    import psutil
-
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tensorflow": _version("tensorflow"),
-        "keras": _version("keras"),
-        "numpy": _version("numpy"),
-        "torch": _version("torch"),
-    }
-
-
 def _rate(runs: dict, name: str) -> float | None:
     r = runs.get(name) or {}
     return r.get("examples_per_s")
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
 
 
 def bench_size(n: int, s: int, args, workdir: Path) -> dict:
@@ -609,7 +517,7 @@ def bench_size(n: int, s: int, args, workdir: Path) -> dict:
     torch_threads = None
     if args.skip_torch:
         runs["d_torch"] = runs["d_torch_dataloader"] = {"skipped": "--skip-torch"}
-    elif _version("torch") is None:
+    elif package_version("torch") is None:
         log(f"torch is not installed: {TORCH_MISSING}")
         runs["d_torch"] = runs["d_torch_dataloader"] = {"skipped": TORCH_MISSING}
     else:
@@ -621,7 +529,7 @@ def bench_size(n: int, s: int, args, workdir: Path) -> dict:
     a, b = _rate(runs, "a_sae_stream"), _rate(runs, "b_in_memory")
     torch_rates = [r for r in (_rate(runs, "d_torch"), _rate(runs, "d_torch_dataloader")) if r]
     d = max(torch_rates) if torch_rates else None
-    a_over_b, a_over_d = _ratio(a, b), _ratio(a, d)
+    a_over_b, a_over_d = ratio(a, b), ratio(a, d)
     return {
         "model": f"{n} -> {s}",
         "preset": preset_for(n),
@@ -639,10 +547,10 @@ def bench_size(n: int, s: int, args, workdir: Path) -> dict:
         "torch_threads": torch_threads,
         "runs": runs,
         "ratio_a_over_b": a_over_b,
-        "ratio_a_over_c": _ratio(a, _rate(runs, "c_keras_example1")),
+        "ratio_a_over_c": ratio(a, _rate(runs, "c_keras_example1")),
         "ratio_a_over_d": a_over_d,
-        "ratio_a_cli_over_a": _ratio(_rate(runs, "a_sae_cli"), a),
-        "ratio_input_only_over_b": _ratio(_rate(runs, "input_pipeline_only"), b),
+        "ratio_a_cli_over_a": ratio(_rate(runs, "a_sae_cli"), a),
+        "ratio_input_only_over_b": ratio(_rate(runs, "input_pipeline_only"), b),
         "targets": {
             "a_over_b_min": TARGET_A_OVER_B,
             "a_over_b_pass": None if a_over_b is None else a_over_b >= TARGET_A_OVER_B,
@@ -680,13 +588,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--skip-torch", action="store_true", help="do not run the PyTorch contender")
     p.add_argument("--skip-cli", action="store_true", help="do not run the `sae train` subprocess")
-    p.add_argument(
-        "--workdir",
-        help="where datasets and scratch files go; datasets there are reused "
-        "(default: a temporary folder, deleted afterwards unless --keep)",
-    )
-    p.add_argument("--keep", action="store_true", help="keep the temporary workdir")
-    p.add_argument("--out", help="also write the JSON to this file")
+    add_workdir_args(p, "where datasets and scratch files go; datasets there are reused")
     # Hidden: the PyTorch contender, run by this script as a subprocess.
     p.add_argument("--torch-worker", metavar="SPEC_JSON", help=argparse.SUPPRESS)
     return p
@@ -700,32 +602,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.examples < BATCH or args.epochs < 1 or args.steps_per_epoch < 0:
         raise SystemExit(f"need --examples >= {BATCH}, --epochs >= 1, --steps-per-epoch >= 0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not args.skip_torch and _version("torch") is None:
+    if not args.skip_torch and package_version("torch") is None:
         log(f"torch is not installed; d_torch will be reported as {TORCH_MISSING!r}")
 
-    temporary = args.workdir is None
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train_bench-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log(f"workdir {workdir}")
-    t_start = time.perf_counter()
-    report: dict = {
-        "benchmark": "train",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": machine_info(),
-        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
-        "batch_size": BATCH,
-        "timed": "per epoch: wall seconds of `steps_per_epoch` training steps after 1 warm-up "
-        "epoch; examples/s = steps * batch / seconds; median (min, max) over timed epochs",
-        "sizes": {},
-    }
-    try:
+    with open_workdir(args, "train_bench-") as workdir:
+        t_start = time.perf_counter()
+        report: dict = {
+            **start_report("train", ["tensorflow", "keras", "numpy", "torch"]),
+            "batch_size": BATCH,
+            "timed": "per epoch: wall seconds of `steps_per_epoch` training steps after 1 "
+            "warm-up epoch; examples/s = steps * batch / seconds; median (min, max) over timed "
+            "epochs",
+            "sizes": {},
+        }
         for n, s in args.sizes:
             report["sizes"][f"{n}x{s}"] = bench_size(n, s, args, workdir)
-    finally:
-        if temporary and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif temporary:
-            log(f"kept {workdir}")
     passes = [
         v
         for size in report["sizes"].values()
@@ -733,12 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         if k.endswith("_pass")
     ]
     report["targets_all_pass"] = None if None in passes else all(passes)
-    report["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
-    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    finish_report(report, t_start, args.out)
     return 0
 
 
