@@ -9,7 +9,8 @@ What it does, in one run:
    class folders 0..9, derived from scikit-learn's digits (8x8 upsampled, randomly shifted, with
    noise, so files differ), plus a collection of 4N for the memory comparison (`--sizes 1,4`).
    A collection already in --workdir is reused.
-2. On the same 1x files, times three contenders, each a subprocess, wall time including
+2. Reads every file once (page cache warm, so the order of the contenders does not
+   matter), then on the same 1x files times three contenders, each a subprocess, wall time including
    interpreter and TensorFlow start-up; images/s = files / seconds:
      sae_1w       sae preprocess --input DIR --resize 28x28 --channels 1 --output OUT --overwrite
                       --direct_running_mode=multi_processing --direct_num_workers=1
@@ -209,6 +210,17 @@ def _result(n: int, m: dict, examples: int, errors: int, inputs: int) -> dict:
     return measured_run("images", n, m, extra, f"{examples} examples, {errors} errors")
 
 
+def warm_page_cache(root: Path) -> None:
+    """Reads every file once, so no contender pays for cold disk reads that the ones
+    timed after it would not (the contenders run one after another)."""
+    t = time.perf_counter()
+    for d, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                f.read()
+    log(f"page cache warmed for {root} in {time.perf_counter() - t:.1f} s")
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Images/s and peak memory of `sae preprocess` (DirectRunner, 1 and 2 "
@@ -257,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
             report["generate_seconds"][f"{k}x"] = secs  # null: reused from --workdir
         runs = report["runs"]
         one = collections[1]
+        warm_page_cache(one)
         runs["plain_loop@1x"] = run_plain(one, args.images, workdir, "plain_loop@1x")
         runs["sae_1w@1x"] = run_sae(one, args.images, 1, workdir, "sae_1w@1x")
         runs["sae_2w@1x"] = run_sae(one, args.images, 2, workdir, "sae_2w@1x")
         for k in sizes[1:]:
             n = k * args.images
+            warm_page_cache(collections[k])
             runs[f"sae_2w@{k}x"] = run_sae(collections[k], n, 2, workdir, f"sae_2w@{k}x")
             runs[f"plain_loop@{k}x"] = run_plain(collections[k], n, workdir, f"plain_loop@{k}x")
 

@@ -15,11 +15,15 @@ import struct
 import google_crc32c
 import numpy as np
 
+_BYTE = [bytes([i]) for i in range(0x80)]
+
 # A feature value: bytes -> BytesList; ints -> Int64List; float32 array -> FloatList.
 FeatureValue = bytes | list[int] | np.ndarray
 
 
 def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:  # the common case: one byte (field tags, small lengths and values)
+        return _BYTE[n]
     n &= 0xFFFFFFFFFFFFFFFF  # negative int64 -> two's complement, as protobuf does
     out = bytearray()
     while True:
