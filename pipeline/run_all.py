@@ -14,7 +14,6 @@ Flags this command does not know go to `sae preprocess` (e.g. --resize, Beam opt
 from __future__ import annotations
 
 import datetime
-import json
 from collections.abc import Sequence
 
 from preprocessing.errors import ArgumentParser
@@ -45,16 +44,15 @@ def make_parser() -> ArgumentParser:
 
 
 def _exists(path: str) -> bool:
-    import tensorflow as tf
+    from apache_beam.io.filesystems import FileSystems
 
-    return tf.io.gfile.exists(path)
+    return FileSystems.exists(path)
 
 
 def _read_json(path: str) -> dict:
-    import tensorflow as tf
+    from pipeline import models
 
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return models.read_json(path)
 
 
 def _leftovers(path: str) -> list[str]:

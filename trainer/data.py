@@ -28,24 +28,16 @@ import tensorflow as tf
 from preprocessing import records
 from preprocessing.errors import UserError
 from preprocessing.manifest import Manifest
+from trainer import distribute
 
 MIN_FILES_PER_WORKER = 2
 SHUFFLE_BUFFER = 10_000
 IN_MEMORY_BYTES = 512 * 2**20
 
 
-def num_workers() -> int:
-    """Workers in the cluster TF_CONFIG describes (1 when there is none)."""
-    import json
-    import os
-
-    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-    return max(1, sum(len(v) for k, v in cluster.items() if k in ("chief", "worker")))
-
-
 def _options(num_files: int) -> tf.data.Options:
     opts = tf.data.Options()
-    enough = num_files >= MIN_FILES_PER_WORKER * num_workers()
+    enough = num_files >= MIN_FILES_PER_WORKER * distribute.num_workers()
     opts.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.FILE
         if enough

@@ -36,6 +36,11 @@ def _tf_config() -> dict:
     return json.loads(os.environ.get("TF_CONFIG") or "{}")
 
 
+def num_workers() -> int:
+    """Workers (chief included) in the cluster TF_CONFIG describes; 1 when there is none."""
+    return max(1, _num_tasks(_tf_config()))
+
+
 def _num_tasks(tf_config: dict) -> int:
     cluster = tf_config.get("cluster", {})
     return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
