@@ -19,8 +19,10 @@ For each model size (`--sizes`, default 784x256 and 64x25; global batch 256) it:
                      input pipeline can deliver here (and the CPU it needs to do so).
      a_sae_stream    the production input pipeline and model: `trainer.data.train_stream`
                      reading the TFRecord shards from disk (interleave, shuffle, batch, parse)
-                     into `trainer.model.build_model(cfg)`, `model.fit(stream, steps_per_epoch=S,
-                     epochs=1+E)`, the SparseAutoencoder's own train_step. Not timed: the
+                     into `trainer.model.build_model(cfg, k)`, `model.fit(stream, steps_per_epoch=S,
+                     epochs=1+E)`, the SparseAutoencoder's own train_step, k steps per function
+                     call as `sae train` runs it (k = cfg.execution_steps(S): the largest
+                     divisor of S up to the config's steps_per_execution, 32). Not timed: the
                      trainer's callbacks, validation, eval and export (a_sae_cli has them).
      b_in_memory     the same model and train_step fed the same uint8 images, already batched,
                      from memory: `from_tensor_slices(batches).repeat().prefetch` (the
@@ -251,7 +253,7 @@ def bench_sae_stream(cfg, manifest, steps: int, epochs: int) -> dict:
     from trainer import model as model_lib
 
     keras.backend.clear_session()
-    model = model_lib.build_model(cfg)
+    model = model_lib.build_model(cfg, cfg.execution_steps(steps))
     stream = data.train_stream(manifest, cfg.global_batch_size, cfg.seed)
     what = "trainer.data.train_stream (TFRecord shards on disk) -> build_model(cfg).fit"
     return run_fit(model, stream, steps, epochs, what, steps_per_epoch=steps, shuffle=False)
@@ -283,7 +285,7 @@ def bench_in_memory(cfg, images: np.ndarray, steps: int, epochs: int) -> dict:
     from trainer import model as model_lib
 
     keras.backend.clear_session()
-    model = model_lib.build_model(cfg)
+    model = model_lib.build_model(cfg, cfg.execution_steps(steps))
     k = len(images) // BATCH
     batches = images[: k * BATCH].reshape(k, BATCH, *images.shape[1:])
     ds = tf.data.Dataset.from_tensor_slices(batches).repeat().prefetch(tf.data.AUTOTUNE)

@@ -101,6 +101,7 @@ def test_unknown_key_names_it_and_lists_valid_keys():
         ("rho_hat_momentum=1", "rho_hat_momentum"),
         ("learning_rate=0", "learning_rate"),
         ("eps=0", "eps"),
+        ("steps_per_execution=0", "steps_per_execution.*integer >= 1"),
         ("hidden", "key=value"),
     ],
 )
@@ -132,3 +133,14 @@ def test_to_dict_from_dict_round_trip_through_json(name):
     # Older config.json files without newer keys still load, with defaults.
     d.pop("eps")
     assert TrainConfig.from_dict(d).eps == TrainConfig().eps
+
+
+def test_execution_steps_divide_the_epoch_and_the_resume_point():
+    cfg = apply_overrides(preset("tiny"), ["steps_per_execution=32"])
+    assert cfg.execution_steps(100) == 25
+    assert cfg.execution_steps(117) == 13
+    assert cfg.execution_steps(64) == 32
+    assert cfg.execution_steps(97) == 1  # a prime epoch: one step per call
+    assert cfg.execution_steps(100, start_step=250) == 25  # resumed at a call boundary
+    assert cfg.execution_steps(100, start_step=230) == 10  # resumed elsewhere: 30 steps done
+    assert apply_overrides(cfg, ["steps_per_execution=1"]).execution_steps(100) == 1

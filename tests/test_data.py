@@ -32,6 +32,8 @@ def dataset(tmp_path_factory):
 def path(request, monkeypatch):
     if request.param == "streaming":
         monkeypatch.setattr(data, "IN_MEMORY_BYTES", 0)
+    else:  # several gathers per epoch, one ending mid-epoch
+        monkeypatch.setattr(data, "GATHER_BATCHES", 7)
     return request.param
 
 

@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -28,10 +27,11 @@ from trainer.model import SparseAutoencoder, build_model, evaluate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs the CASES named in argv[3] (comma-separated) with the default strategy (1 replica) and
-# with argv[1] ("mirrored" over argv[2] logical CPUs, or "multiworker" from TF_CONFIG); prints
-# {case: [one, many]} as JSON.
-# 70 examples at global batch 32: every epoch ends with an uneven batch of 6.
+# Runs the CASES named in argv[3] (comma-separated) with the default strategy (1 replica, one
+# step per function call) and with argv[1] ("mirrored" over argv[2] logical CPUs, or
+# "multiworker" from TF_CONFIG) at argv[4] steps per call; prints {case: [one, many]} as JSON.
+# 70 examples at global batch 32: every pass over them ends with an uneven batch of 6; each
+# Keras epoch of 6 steps is two passes (two calls at 3 steps per call).
 _REPLICA_SCRIPT = """
 import json, sys
 from trainer.distribute import make_strategy, task
@@ -49,13 +49,13 @@ CASES = {
 images = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 1), dtype=np.uint8)
 keys = [f"img-{i}" for i in range(70)]
 
-def run(strategy, overrides, as_dict):
+def run(strategy, overrides, as_dict, steps_per_execution):
     cfg = apply_overrides(preset("tiny"), ["optimizer=sgd", "learning_rate=0.1", *overrides])
     with strategy.scope():
-        model = build_model(cfg)
+        model = build_model(cfg, steps_per_execution)
     data = {"image": images, "key": keys} if as_dict else images
     ds = tf.data.Dataset.from_tensor_slices(data).batch(cfg.global_batch_size)
-    history = model.fit(ds, epochs=2, verbose=0).history
+    history = model.fit(ds.repeat(), epochs=2, steps_per_epoch=6, verbose=0).history
     return {
         "replicas": strategy.num_replicas_in_sync,
         "history": history,
@@ -67,8 +67,8 @@ def run(strategy, overrides, as_dict):
 out = {}
 for name in sys.argv[3].split(","):
     as_dict = name == "variants"  # {"image", "key"} batches: uint8 and strings, no float
-    out[name] = [run(tf.distribute.get_strategy(), CASES[name], as_dict),
-                 run(strategy, CASES[name], as_dict)]
+    out[name] = [run(tf.distribute.get_strategy(), CASES[name], as_dict, 1),
+                 run(strategy, CASES[name], as_dict, int(sys.argv[4]))]
 print("RESULT " + json.dumps({"task": task(), "cases": out}))
 """
 
@@ -107,7 +107,7 @@ def _assert_same_run(one: dict, many: dict, replicas: int) -> None:
 
 
 def test_one_and_two_mirrored_replicas_train_identically():
-    result = _result(_run_script(["mirrored", "2", "base,variants,bn_after"]))
+    result = _result(_run_script(["mirrored", "2", "base,variants,bn_after", "3"]))
     for name, (one, two) in result["cases"].items():
         assert one["eval"]["eval_examples"] == 70, name
         _assert_same_run(one, two, replicas=2)
@@ -123,7 +123,7 @@ def test_two_workers_train_like_one_replica():
     cluster = {"worker": [f"localhost:{_free_port()}" for _ in range(2)]}
     procs = [
         _run_script(
-            ["multiworker", "0", "variants"],
+            ["multiworker", "0", "variants", "3"],
             {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
         )
         for i in range(2)
@@ -223,7 +223,8 @@ def digits():
 
 def test_learns_digits_and_is_sparse(digits):
     cfg = preset("digits")
-    model = build_model(cfg)
+    steps = cfg.steps_per_epoch or len(digits) // cfg.global_batch_size
+    model = build_model(cfg, cfg.execution_steps(steps))  # as `sae train` runs it
     train = (
         tf.data.Dataset.from_tensor_slices(digits)
         .shuffle(len(digits), seed=0)
@@ -232,13 +233,10 @@ def test_learns_digits_and_is_sparse(digits):
     )
     evaluation = tf.data.Dataset.from_tensor_slices(digits).batch(512)
     before = evaluate_metrics(model, evaluation)
-    steps = cfg.steps_per_epoch or len(digits) // cfg.global_batch_size
-    start = time.perf_counter()
     model.fit(train, epochs=cfg.epochs, steps_per_epoch=steps, verbose=0)
-    seconds = time.perf_counter() - start
     after = evaluate_metrics(model, evaluation)
 
-    assert seconds < 40
+    assert model.steps_per_execution > 1
     assert after["loss"] < 0.5 * before["loss"]
     assert after["reconstruction"] < 0.5 * before["reconstruction"]
     assert abs(after["mean_rho_hat"] - cfg.rho) < 0.3 * cfg.rho
@@ -251,6 +249,24 @@ def test_learns_digits_and_is_sparse(digits):
     assert rho_hat.shape == (cfg.hidden,)
     # Per UNIT: most units sit near rho, not only their average.
     assert np.mean(np.abs(rho_hat - cfg.rho) < 0.5 * cfg.rho) > 0.8
+
+
+def test_steps_per_call_do_not_change_training(digits):
+    cfg = apply_overrides(preset("digits"), ["global_batch_size=100"])
+    train = tf.data.Dataset.from_tensor_slices(digits).batch(100).repeat()
+    runs = []
+    for k in (1, 4):
+        model = build_model(cfg, k)
+        history = model.fit(train, epochs=2, steps_per_epoch=8, verbose=0).history
+        runs.append((history, [w.numpy() for w in model.weights], model.optimizer.iterations))
+    (h1, w1, it1), (h4, w4, it4) = runs
+    assert int(it1) == int(it4) == 16
+    for key, values in h1.items():
+        np.testing.assert_allclose(h4[key], values, rtol=1e-6, err_msg=key)
+    for a, b in zip(w1, w4, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple of steps_per_execution=4"):
+        model.fit(train, epochs=1, steps_per_epoch=6, verbose=0)
 
 
 def test_eval_statistics_match_numpy(digits):

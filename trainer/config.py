@@ -94,10 +94,18 @@ class TrainConfig:
     epochs: int = 10
     # Steps per epoch; 0 = one full pass over the train split.
     steps_per_epoch: int = 0
-    # Save a checkpoint every this many steps (0 = only at the end of each epoch).
+    # Save a checkpoint every this many steps (0 = only at the end of each epoch); with
+    # several steps per call, at the first call boundary at or after each multiple.
     checkpoint_every_steps: int = 100
     # Eval batches per evaluation; 0 = the whole eval split.
     eval_batches: int = 0
+    # Up to this many steps run inside one TensorFlow function call (Keras's
+    # steps_per_execution): for small models the per-call Python overhead costs more than the
+    # step itself. The trainer takes the largest value <= this that divides the steps per
+    # epoch (see `execution_steps`); checkpoints, progress and the SIGTERM check happen
+    # between calls, i.e. up to that many steps late. 1 = one call per step. The math does
+    # not depend on it.
+    steps_per_execution: int = 32
     # Seeds the weight initialization and the input shuffling.
     seed: int = 0
     # rho_hat is clipped to [eps, 1 - eps] before the logs of the KL term.
@@ -124,11 +132,23 @@ class TrainConfig:
             (c.steps_per_epoch >= 0, "steps_per_epoch", "an integer >= 0 (0 = full pass)"),
             (c.checkpoint_every_steps >= 0, "checkpoint_every_steps", "an integer >= 0"),
             (c.eval_batches >= 0, "eval_batches", "an integer >= 0 (0 = whole split)"),
+            (c.steps_per_execution >= 1, "steps_per_execution", "an integer >= 1"),
             (0.0 < c.eps < 0.5, "eps", "a float in (0, 0.5)"),
         ]
         for ok, key, expected in checks:
             if not ok:
                 raise UserError(f"invalid {key}={getattr(c, key)!r}: expected {expected}")
+
+    def execution_steps(self, steps_per_epoch: int, start_step: int = 0) -> int:
+        """Steps per function call: the largest k <= steps_per_execution dividing
+        steps_per_epoch and the steps already done in the epoch a run resumes in, so no call
+        runs past an epoch's end and every call boundary is a multiple of k."""
+        into = start_step % steps_per_epoch
+        return max(
+            k
+            for k in range(1, self.steps_per_execution + 1)
+            if steps_per_epoch % k == 0 and into % k == 0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists); `from_dict` inverts it."""

@@ -4,18 +4,19 @@
       -> batch(GLOBAL batch, drop_remainder) -> parse_batch (vectorized) -> prefetch
 
 A train split whose pixels fit in IN_MEMORY_BYTES is read and parsed once and kept
-in memory as one uint8 tensor; each epoch then shuffles indices and gathers whole
-batches. Reading and parsing records costs a few microseconds per example, as much
-as a training step of a small model, so this keeps small datasets from being
-input-bound; larger splits stream from the shards as above.
+in memory as one uint8 tensor; each epoch then permutes the indices and gathers whole
+batches, GATHER_BATCHES at a time. Reading and parsing records costs a few microseconds
+per example, as much as a training step of a small model, so this keeps small datasets
+from being input-bound; larger splits stream from the shards as above.
 
 Batches hold the global batch; tf.distribute splits each across replicas and
 shards the data across workers by FILE when every worker gets at least
 `MIN_FILES_PER_WORKER` shards, else by DATA (every worker reads all, keeps its part).
 
 Order guarantee: the training stream is a pure function of (manifest, seed):
-epoch e is the train split shuffled with seed (seed, e), and epochs follow one
-another. A run resumed at global step g skips the first g batches of that same
+epoch e is the train split shuffled with seed (seed, e) (a stateless Philox
+permutation in memory; file order plus a seeded shuffle buffer when streaming), and
+epochs follow one another. A run resumed at global step g skips the first g batches of that same
 stream, so an interrupted and resumed run sees exactly the batches an
 uninterrupted run would (single worker; with several workers the order within a
 step may differ because FILE/DATA sharding assigns data per worker).
@@ -33,6 +34,7 @@ from trainer import distribute
 MIN_FILES_PER_WORKER = 2
 SHUFFLE_BUFFER = 10_000
 IN_MEMORY_BYTES = 512 * 2**20
+GATHER_BATCHES = 32
 
 
 def _options(num_files: int) -> tf.data.Options:
@@ -102,36 +104,42 @@ def train_stream(
     h, w, c = manifest.image_shape
     in_memory = manifest.num_examples("train") * h * w * c <= IN_MEMORY_BYTES
 
+    first_epoch, skip = divmod(start_step, per_epoch)
+    epochs = tf.data.Dataset.range(first_epoch, 2**62)
     if in_memory:
         images = _read_all(manifest, paths)
-        n = int(images.shape[0])
+        order_seed = tf.constant(seed, tf.int64)
 
-        def epoch(e):
-            order = tf.data.Dataset.range(n).shuffle(
-                n, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False
+        def batches(e):
+            # A permutation per epoch, then whole batches gathered GATHER_BATCHES at a time:
+            # per batch only a slice is left to do, which keeps the stream's CPU per step
+            # far below a small model's step (it shares the cores with training).
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(tf.shape(images, out_type=tf.int64)[0]),
+                seed=tf.stack([order_seed, e]),
+                alg="philox",
             )
-            return order.batch(global_batch_size, drop_remainder=True)
-
-    else:
-
-        def epoch(e):
-            ds = _records(paths, compression, shuffle_files_seed=seed * 1_000_003 + e)
-            ds = ds.shuffle(
-                SHUFFLE_BUFFER, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False
+            idx = tf.reshape(order[: per_epoch * global_batch_size], [per_epoch, -1])
+            return (
+                tf.data.Dataset.from_tensor_slices(idx)
+                .batch(GATHER_BATCHES)
+                .flat_map(lambda i: tf.data.Dataset.from_tensor_slices(tf.gather(images, i)))
             )
-            return ds.batch(global_batch_size, drop_remainder=True)
 
-    first_epoch, skip = divmod(start_step, per_epoch)
+        ds = epochs.flat_map(batches).skip(skip)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(0))
+
+    def epoch(e):
+        ds = _records(paths, compression, shuffle_files_seed=seed * 1_000_003 + e)
+        ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
+        return ds.batch(global_batch_size, drop_remainder=True)
+
     # interleave, not flat_map: the next epoch's files open and its shuffle buffer fills
     # while this epoch is consumed (block_length = one whole epoch keeps the order).
-    ds = tf.data.Dataset.range(first_epoch, 2**62).interleave(
+    ds = epochs.interleave(
         epoch, cycle_length=2, block_length=per_epoch, num_parallel_calls=2, deterministic=True
     )
-    ds = ds.skip(skip)
-    if in_memory:
-        ds = ds.map(lambda idx: tf.gather(images, idx), num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(0))
-    ds = ds.map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.skip(skip).map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
 
 

@@ -203,7 +203,7 @@ class SparseAutoencoder(keras.Model):
         # Keras's optimizer all-reduces (SUMs) these over replicas before applying them.
         grads = tape.gradient(replica_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
-        return _for_keras_reduce(self._update_trackers(terms, rho_hat, count))
+        return self._update_trackers(terms, rho_hat, count)
 
     def test_step(self, data):
         images = images_of(data)
@@ -211,6 +211,57 @@ class SparseAutoencoder(keras.Model):
         logs = self._update_trackers(terms, rho_hat, count)
         self.unit_stats.update_state(x, a, x_hat)
         return _for_keras_reduce({**logs, **self.unit_stats.result()})
+
+    def make_train_function(self, force: bool = False):
+        """`steps_per_execution` training steps per call, as a tf.range loop of
+        `strategy.run(train_step)` (the TF Orbit / tf.keras 2 pattern).
+
+        Replaces Keras 3's loop, whose tf.cond around each step fails under
+        MirroredStrategy ("You must feed a value for placeholder tensor", keras-team/keras
+        #19246). Every call runs all its steps, so `fit` takes whole calls only (see `fit`).
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        strategy, steps = self.distribute_strategy, self.steps_per_execution
+
+        def one_step(iterator):
+            logs = strategy.run(self.train_step, args=(next(iterator),))
+            # Every replica computed the same global values: keep the first local one.
+            return {k: strategy.experimental_local_results(v)[0] for k, v in logs.items()}
+
+        @tf.function(reduce_retracing=True)
+        def train_function(iterator):
+            logs = one_step(iterator)
+            for _ in tf.range(steps - 1):
+                logs = one_step(iterator)
+            return logs
+
+        self.train_function = train_function
+        return train_function
+
+    def fit(self, *args, steps_per_epoch: int | None = None, **kwargs):
+        """Keras's fit; with several steps per call, `steps_per_epoch` must be a multiple of
+        steps_per_execution on data that does not run out (e.g. `trainer.data.train_stream`):
+        a call cut short by the end of the data would stop partway through a step."""
+        k = self.steps_per_execution
+        if k > 1 and (not steps_per_epoch or steps_per_epoch % k):
+            raise ValueError(
+                f"steps_per_epoch={steps_per_epoch} is not a multiple of steps_per_execution={k}; "
+                "pick it with TrainConfig.execution_steps and repeat the dataset"
+            )
+        return super().fit(*args, steps_per_epoch=steps_per_epoch, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """Keras's evaluate, one step per call: an eval split rarely fills whole calls, and
+        Keras's partial last call is the pattern that fails under MirroredStrategy (see
+        `make_train_function`). Evaluation is not the hot loop."""
+        steps, self.steps_per_execution = self.steps_per_execution, 1
+        # fit's validation reuses an iterator it made with steps_per_execution; make a new one.
+        kwargs.pop("_use_cached_eval_dataset", None)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.steps_per_execution = steps
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras (3.15) peeks at the first batch in fit/evaluate and MEAN-reduces it across
@@ -236,7 +287,7 @@ class SparseAutoencoder(keras.Model):
 
 
 def _for_keras_reduce(logs: dict) -> dict:
-    """Step outputs shaped for Keras's cross-replica reduction.
+    """Test-step outputs shaped for Keras's cross-replica reduction.
 
     Keras 3 (through 3.15) reduces them under multi-worker MultiWorkerMirroredStrategy with
     `strategy.reduce(MEAN, v, axis=0)`, which fails on scalars ("Invalid reduction dimension
@@ -319,23 +370,33 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(config.learning_rate)
 
 
-def build_model(config: TrainConfig) -> SparseAutoencoder:
-    """A compiled SparseAutoencoder; call inside `strategy.scope()` to distribute it."""
+def build_model(config: TrainConfig, steps_per_execution: int = 1) -> SparseAutoencoder:
+    """A compiled SparseAutoencoder; call inside `strategy.scope()` to distribute it.
+
+    `steps_per_execution`: steps per TensorFlow function call in fit/evaluate (a step count
+    of fit or evaluate must be a multiple of it; `TrainConfig.execution_steps` picks one).
+    """
     model = SparseAutoencoder(config)
-    # No XLA: Keras's "auto" turns it on whenever a GPU is present, and XLA cannot compile a
-    # step whose batch dict carries string keys; two matmuls gain nothing from it anyway.
-    model.compile(optimizer=make_optimizer(config), jit_compile=False)
+    compile_model(model, make_optimizer(config), steps_per_execution)
     return model
 
 
-def evaluate_metrics(model: SparseAutoencoder, dataset, steps: int | None = None) -> dict:
-    """Final eval values over `dataset` (all of it unless `steps`), as plain floats.
+def compile_model(model: SparseAutoencoder, optimizer, steps_per_execution: int) -> None:
+    """(Re)compiles `model`, e.g. to change steps_per_execution; call inside the scope."""
+    # No XLA: Keras's "auto" turns it on whenever a GPU is present, and XLA cannot compile a
+    # step whose batch dict carries string keys; measured on 2 CPU cores, XLA also made the
+    # 64 -> 25 step slower once several steps run per call.
+    model.compile(optimizer=optimizer, jit_compile=False, steps_per_execution=steps_per_execution)
+
+
+def evaluate_metrics(model: SparseAutoencoder, dataset) -> dict:
+    """Final eval values over all of the (finite) `dataset`, as plain floats.
 
     Keys: loss, reconstruction, weight_decay, sparsity, [l1_activity], mean_rho_hat,
     dead_fraction, saturated_fraction, l0, fraction_variance_explained, eval_examples.
     The per-unit rho_hat is then `model.unit_rho_hat()`.
     """
-    logs = model.evaluate(dataset, steps=steps or None, return_dict=True, verbose=0)
+    logs = model.evaluate(dataset, return_dict=True, verbose=0)
     out = {k: float(v) for k, v in logs.items()}
     out["eval_examples"] = int(model.unit_stats.count.numpy()) // _replicas_in(model)
     return out

@@ -96,7 +96,10 @@ def _callbacks(model, manager, every: int, tb_dir: str | None):
     from trainer import visualize
 
     class Checkpoints(keras.callbacks.Callback):
-        """Saves every `every` steps, at each epoch end, and on SIGTERM."""
+        """Saves every `every` steps, at each epoch end, and on SIGTERM.
+
+        Keras calls on_train_batch_end once per function call (steps_per_execution steps):
+        a save happens at the first call boundary at or after each multiple of `every`."""
 
         def _save(self):
             manager.save(checkpoint_number=int(model.optimizer.iterations.numpy()))
@@ -106,7 +109,7 @@ def _callbacks(model, manager, every: int, tb_dir: str | None):
             if _Stop.requested:
                 self._save()
                 model.stop_training = True
-            elif every and step % every == 0:
+            elif every and step % every < model.steps_per_execution:
                 self._save()
 
         def on_epoch_end(self, epoch, logs=None):
@@ -118,13 +121,17 @@ def _callbacks(model, manager, every: int, tb_dir: str | None):
         every_n = max(1, every // 10) if every else 0
 
         class StepSummaries(keras.callbacks.Callback):
-            """Batch scalars every `every_n` steps; after each epoch's validation, the eval
+            """Batch scalars about every `every_n` steps (at the first function-call boundary
+            in each interval of every_n steps); after each epoch's validation, the eval
             rho_hat histogram and the filter grid. All at the optimizer step, so a resumed run
             continues its curves (Keras's batch counter restarts at 0 in every `fit`)."""
 
+            last_written = -1
+
             def on_train_batch_end(self, batch, logs=None):
                 step = int(model.optimizer.iterations.numpy())
-                if every_n and step % every_n == 0 and logs:
+                if every_n and step // every_n > self.last_written // every_n and logs:
+                    self.last_written = step
                     with writer.as_default(step=step):
                         for name, value in logs.items():
                             tf.summary.scalar(f"batch_{name}", value)
@@ -241,17 +248,21 @@ def run(argv: Sequence[str] | None = None) -> dict:
     step = int(model.optimizer.iterations.numpy())
     per_epoch = data.steps_per_epoch(manifest, cfg.global_batch_size, cfg.steps_per_epoch)
     total = cfg.epochs * per_epoch
+    with strategy.scope():
+        model_lib.compile_model(model, model.optimizer, cfg.execution_steps(per_epoch, step))
     print(
         f"train: {manifest.num_examples('train')} train / {manifest.num_examples('eval')} eval "
         f"examples, {strategy.num_replicas_in_sync} replica(s) "
         f"({type(strategy).__name__}), global batch {cfg.global_batch_size}, "
-        f"{cfg.epochs} epochs x {per_epoch} steps"
+        f"{cfg.epochs} epochs x {per_epoch} steps, {model.steps_per_execution} per call"
         + (f"; resuming at step {step} from {latest}" if latest else ""),
         flush=True,
     )
 
-    eval_steps = cfg.eval_batches or None
     eval_ds = data.eval_dataset(manifest, cfg.global_batch_size)
+    if cfg.eval_batches:
+        # On the dataset, not validation_steps: Keras would round that up to a whole call.
+        eval_ds = eval_ds.take(cfg.eval_batches)
     callbacks = _callbacks(model, manager, cfg.checkpoint_every_steps, join(out_dir, "tensorboard"))
     previous = signal.signal(signal.SIGTERM, _Stop.handler)
     start = time.time()
@@ -266,7 +277,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 epochs=epoch + 1 if into else cfg.epochs,
                 steps_per_epoch=per_epoch - into if into else per_epoch,
                 validation_data=eval_ds,
-                validation_steps=eval_steps,
                 callbacks=callbacks,
                 shuffle=False,  # the stream is already shuffled, reproducibly
                 verbose=args.verbose,
@@ -301,7 +311,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     # Printed by every worker: equal fingerprints show the workers ended in sync.
     print(f"train: step {step}, weights fingerprint {_fingerprint(model)}", flush=True)
-    metrics = model_lib.evaluate_metrics(model, eval_ds, steps=eval_steps)
+    metrics = model_lib.evaluate_metrics(model, eval_ds)
     metrics.update(step=step, train_seconds=round(time.time() - start, 2))
     rho_hat = model.unit_rho_hat().numpy()
     info = {
