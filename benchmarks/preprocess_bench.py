@@ -16,8 +16,10 @@ What it does, in one run:
                       --direct_running_mode=multi_processing --direct_num_workers=1
      sae_2w       the same with --direct_num_workers=2
      plain_loop   this script's hidden --plain-loop mode: one process, sorted os.walk, Pillow
-                  open + convert('L') (+ resize if needed), preprocessing.records.encode (the same
-                  tf.train.Example as the job), one tf.io.TFRecordWriter file.
+                  open + convert('L') (+ resize if needed), a tf.train.Example with the job's
+                  features built with TensorFlow's proto classes, one tf.io.TFRecordWriter file.
+     plain_loop_sae_encoder   (1x only, for comparison) the same loop serializing with the
+                  job's TensorFlow-free encoder (preprocessing.records.encode) instead.
    At every other size (4x by default) it runs sae_2w and plain_loop again.
 3. Peak memory: every 0.2 s, the sum of RSS over the subprocess and all its descendants (for
    sae that is the runner plus Beam's worker processes); the maximum is `peak_rss_mb`. Summed RSS
@@ -29,6 +31,7 @@ Output: progress on stderr, one JSON object on stdout (and in --out FILE if give
                        peak_rss_mb, peak_rss_main_mb, peak_processes, process_names,
                        examples, errors, all_processed, command}
   speedup_2w_vs_plain      images/s of sae_2w@1x / images/s of plain_loop@1x   (target >= 1.3)
+  speedup_2w_vs_plain_sae_encoder   the same against plain_loop_sae_encoder@1x (no target)
   memory_ratio_4x_vs_1x    peak_rss_mb of sae_2w@4x / sae_2w@1x               (target <= 1.2)
   targets                  the two thresholds with pass booleans (null if not measured)
 `all_processed` is true when the job's manifest accounts for every file as an example and
@@ -143,12 +146,19 @@ def make_collection(workdir: Path, n: int) -> tuple[Path, float | None]:
 # ----------------------------------------------------------------------------
 # The plain loop (hidden --plain-loop mode, run as a subprocess).
 # ----------------------------------------------------------------------------
-def plain_loop(input_dir: str, output: str) -> dict:
-    """What a user would write: one process, one TFRecord file, the job's Example schema."""
+def plain_loop(input_dir: str, output: str, encoder: str = "tf") -> dict:
+    """What a user would write: one process, one TFRecord file, the job's Example schema
+    built with TensorFlow's own tf.train.Example (encoder "tf"), or, for comparison, with
+    the job's own TensorFlow-free encoder preprocessing.records.encode ("sae")."""
     import tensorflow as tf
     from PIL import Image
 
     from preprocessing import records
+
+    def feature(value):
+        if isinstance(value, bytes):
+            return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
     n = 0
     with tf.io.TFRecordWriter(output) as writer:
@@ -163,7 +173,19 @@ def plain_loop(input_dir: str, output: str) -> dict:
                 if grey.size != (SIDE, SIDE):
                     grey = grey.resize((SIDE, SIDE), Image.Resampling.BILINEAR)
                 arr = np.asarray(grey)[:, :, None]
-                writer.write(records.encode(path, arr, label))
+                if encoder == "sae":
+                    writer.write(records.encode(path, arr, label))
+                    n += 1
+                    continue
+                h, w, c = arr.shape
+                values = {"image": arr.tobytes(), "height": h, "width": w, "channels": c,
+                          "key": path.encode("utf-8"), "label": label}  # fmt: skip
+                example = tf.train.Example(
+                    features=tf.train.Features(
+                        feature={k: feature(v) for k, v in values.items() if v is not None}
+                    )
+                )
+                writer.write(example.SerializeToString())
                 n += 1
     return {"examples": n}
 
@@ -181,7 +203,7 @@ def run_sae(input_dir: Path, n: int, workers: int, workdir: Path, name: str) -> 
     return _result(n, m, examples, manifest["num_errors"], manifest["num_inputs"])
 
 
-def run_plain(input_dir: Path, n: int, workdir: Path, name: str) -> dict:
+def run_plain(input_dir: Path, n: int, workdir: Path, name: str, encoder: str = "tf") -> dict:
     out = workdir / "out" / f"{name}.tfrecord"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
@@ -193,6 +215,7 @@ def run_plain(input_dir: Path, n: int, workdir: Path, name: str) -> dict:
         str(input_dir),
         "--plain-output",
         str(out),
+        f"--plain-encoder={encoder}",
     ]
     log(f"{name}: {n} files ...")
     m = measure(cmd, workdir / "logs", name)
@@ -239,13 +262,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--plain-input", help=argparse.SUPPRESS)
     p.add_argument("--plain-output", help=argparse.SUPPRESS)
+    p.add_argument("--plain-encoder", default="tf", choices=("tf", "sae"), help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.plain_loop:
-        print(json.dumps(plain_loop(args.plain_input, args.plain_output)), flush=True)
+        out = plain_loop(args.plain_input, args.plain_output, args.plain_encoder)
+        print(json.dumps(out), flush=True)
         return 0
     if args.images < 1:
         raise SystemExit("--images must be >= 1")
@@ -271,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         one = collections[1]
         warm_page_cache(one)
         runs["plain_loop@1x"] = run_plain(one, args.images, workdir, "plain_loop@1x")
+        runs["plain_loop_sae_encoder@1x"] = run_plain(
+            one, args.images, workdir, "plain_loop_sae_encoder@1x", encoder="sae"
+        )
         runs["sae_1w@1x"] = run_sae(one, args.images, 1, workdir, "sae_1w@1x")
         runs["sae_2w@1x"] = run_sae(one, args.images, 2, workdir, "sae_2w@1x")
         for k in sizes[1:]:
@@ -287,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     memory, memory_targets = memory_ratios(runs, sizes[-1], "plain_loop")
     report["speedup_2w_vs_plain"] = speedup
     report["speedup_1w_vs_plain"] = ratio(ips("sae_1w@1x"), ips("plain_loop@1x"))
+    report["speedup_2w_vs_plain_sae_encoder"] = ratio(
+        ips("sae_2w@1x"), ips("plain_loop_sae_encoder@1x")
+    )
     report["scaling_2w_vs_1w"] = ratio(ips("sae_2w@1x"), ips("sae_1w@1x"))
     report.update(memory)
     report["targets"] = {

@@ -20,14 +20,10 @@ Exit codes: 0 done; 2 bad flags or input; 3 too many inputs could not be encoded
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime
 import functools
 import json
-import logging
-import os
-import sys
 import uuid
 from collections.abc import Sequence
 
@@ -38,7 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import feature_records as fr
 from pipeline import models
-from preprocessing import images, records, sharding, sources, wire
+from preprocessing import exiting, images, records, sharding, sources, wire
 from preprocessing import job as preprocess_job
 from preprocessing import manifest as manifest_lib
 from preprocessing.errors import ArgumentParser, UserError
@@ -128,7 +124,7 @@ class Encode(beam.DoFn):
 
         self._tf = tf
         self._encode = tf.saved_model.load(self.export_dir).signatures["encode"]
-        _skip_teardown_at_worker_exit()
+        exiting.skip_teardown_at_worker_exit()
 
     def process(self, batch):
         images = np.stack([b[1] for b in batch])
@@ -153,30 +149,6 @@ class Encode(beam.DoFn):
             acts.astype(np.float64).sum(0),
         )
         yield beam.pvalue.TaggedOutput("stats", stats)
-
-
-@functools.cache  # once per process
-def _skip_teardown_at_worker_exit() -> None:
-    """In a Beam SDK worker process: exit without the interpreter's teardown.
-
-    A process that imported TensorFlow spends ~1.4 s of CPU in that teardown (measured on
-    2 cores), and the local runner stops its workers one after another after the last
-    stage, so a job waited that long per worker for nothing. The worker exits only after the
-    runner said it has no more work (every output is already delivered), so nothing is lost;
-    the exit status is kept (1 after an unhandled exception). Only the worker's own main
-    module registers this: never the process that runs `sae` (in-process runners).
-    """
-    main = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if getattr(main, "name", None) != "apache_beam.runners.worker.sdk_worker_main":
-        return
-
-    def leave() -> None:
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(1 if getattr(sys, "last_value", None) is not None else 0)
-
-    atexit.register(leave)  # atexit runs last-registered first: before TensorFlow's own
 
 
 class SumStats(beam.CombineFn):

@@ -62,7 +62,8 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
                     f"{max_pixels}-pixel limit (possible decompression bomb); downscale it"
                 )
             img.load()
-            return ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when upright
+            return img
     except ImageError:
         raise
     except Image.UnidentifiedImageError:

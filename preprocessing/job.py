@@ -31,7 +31,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import images, records, sharding, sources, wire
+from preprocessing import exiting, images, records, sharding, sources, wire
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import KIND, MANIFEST_NAME, join
 
@@ -176,6 +176,16 @@ def _to_pil(pixels: np.ndarray):
     return Image.fromarray(arr)
 
 
+def _read_bytes(uri: str) -> bytes:
+    """The file's bytes; local paths are read directly (Beam's FileSystems looks up the
+    filesystem plugin on every call, which costs as much as reading a small file)."""
+    if "://" not in uri:
+        with open(uri, "rb") as f:
+            return f.read()
+    with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read()
+
+
 class DecodeBatch(beam.DoFn):
     """list[Item] -> list[(split, key, serialized Example, pixels)]; rejects -> 'errors'.
 
@@ -188,9 +198,11 @@ class DecodeBatch(beam.DoFn):
         self.shape = shape
         self.opts = opts
 
+    def setup(self):
+        exiting.skip_teardown_at_worker_exit()
+
     def process(self, batch: list[sources.Item], label_names: list[str]):
-        examples, accepted, stats = [], 0, PixelStats()
-        acc = stats.create_accumulator()
+        examples, accepted = [], 0
         for item in batch:
             try:
                 produced = list(self._examples(item, label_names))
@@ -203,12 +215,10 @@ class DecodeBatch(beam.DoFn):
                 continue
             accepted += 1
             examples += produced
-            for ex in produced:
-                if ex[0] == "train":
-                    acc = stats.add_input(acc, stats.sums(ex[3]))
         yield beam.pvalue.TaggedOutput("accepted", accepted)
-        if acc is not None:
-            yield beam.pvalue.TaggedOutput("stats", acc)
+        train = [ex[3] for ex in examples if ex[0] == "train"]
+        if train:  # one partial sum per batch
+            yield beam.pvalue.TaggedOutput("stats", PixelStats.sums(np.stack(train)))
         if examples:
             yield examples
 
@@ -217,10 +227,7 @@ class DecodeBatch(beam.DoFn):
         h, w, c = self.shape
         if item.pixels is None:
             try:
-                with FileSystems.open(
-                    item.uri, compression_type=CompressionTypes.UNCOMPRESSED
-                ) as f:
-                    data = f.read()
+                data = _read_bytes(item.uri)
             except OSError as e:
                 raise images.ImageError(f"cannot read the file ({e}); check permissions") from None
             pil = images.decode(data, max_pixels=o["max_pixels"])
@@ -256,6 +263,7 @@ class PixelStats(beam.CombineFn):
 
     @staticmethod
     def sums(pixels: np.ndarray) -> tuple:
+        """uint8 [..., C] -> (sum [C], sum of squares [C], pixel count), exact in float64."""
         p = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64)
         return p.sum(0), (p * p).sum(0), p.shape[0]
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import os
 import posixpath
 from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from preprocessing import builtin
@@ -98,6 +98,18 @@ def _file_item(root: str, path: str) -> Item:
     return Item(key=path, uri=path, rel=rel, label=parts[0] if len(parts) > 1 else None)
 
 
+def _file_batches(pattern: str, root: str):
+    """Every file matching `pattern`, as lists of at most BATCH["max_batch_size"] Items."""
+    if "://" not in pattern and pattern == root + "/**":
+        # A local folder: the os.walk that Beam's local match runs, without the two stat
+        # calls per file it adds (20x slower on 50,000 small files).
+        paths = (os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+    else:
+        paths = (m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    while batch := list(itertools.islice(paths, BATCH["max_batch_size"])):
+        yield [_file_item(root, p) for p in batch]
+
+
 def _parse_list_line(list_uri: str, line: str) -> list[Item]:
     row = next(csv.reader([line]), [])
     if not row or not row[0].strip() or row[0].strip().lower() in ("uri", "path", "filename"):
@@ -139,11 +151,14 @@ class ReadSource(beam.PTransform):
                 lambda ln, u=s.spec: _parse_list_line(u, ln)
             )
         else:
-            items = (
+            # Listed straight into batches: a Beam element per file costs about as much as
+            # reading and decoding a small image.
+            batches = (
                 pbegin
-                | "MatchFiles" >> fileio.MatchFiles(s.spec)
-                | "ToItems" >> beam.Map(lambda m, r=s.root: _file_item(r, m.path))
+                | "Pattern" >> beam.Create([s.spec])
+                | "ListFiles" >> beam.FlatMap(_file_batches, s.root)
             )
+            return batches | "Spread" >> beam.Reshuffle()
         return items | "Batch" >> beam.BatchElements(**BATCH) | "Spread" >> beam.Reshuffle()
 
 

@@ -10,6 +10,7 @@ tests/test_wire.py.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import google_crc32c
@@ -68,11 +69,25 @@ def _feature(value: FeatureValue) -> bytes:
 
 def example_bytes(features: dict[str, FeatureValue]) -> bytes:
     """Serializes {name: value} as a tf.train.Example (Features.feature is a map)."""
-    entries = b"".join(
-        _len_field(1, _len_field(1, name.encode("utf-8")) + _len_field(2, _feature(value)))
-        for name, value in features.items()
-    )
-    return _len_field(1, entries)
+    return _len_field(1, b"".join(_entry(name, value) for name, value in features.items()))
+
+
+def _entry(name: str, value: FeatureValue) -> bytes:
+    """One map entry: key = 1 (the name), value = 2 (the Feature)."""
+    if isinstance(value, list) and len(value) == 1:
+        return _one_int_entry(name, int(value[0]))
+    return _len_field(1, _key_field(name) + _len_field(2, _feature(value)))
+
+
+@functools.cache
+def _key_field(name: str) -> bytes:
+    return _len_field(1, name.encode("utf-8"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _one_int_entry(name: str, value: int) -> bytes:
+    # Sizes, channels and labels repeat on every record: encode each (name, value) once.
+    return _len_field(1, _key_field(name) + _len_field(2, _feature([value])))
 
 
 def _masked_crc(data: bytes) -> bytes:
