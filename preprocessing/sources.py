@@ -17,6 +17,7 @@ import csv
 import io
 import itertools
 import os
+import pickle
 import posixpath
 from dataclasses import dataclass
 
@@ -143,14 +144,7 @@ class ReadSource(beam.PTransform):
             size = BATCH["max_batch_size"]
             batches = [items[i : i + size] for i in range(0, len(items), size)]
             return pbegin | "CreateBuiltin" >> beam.Create(batches)
-        if s.kind == "tfds":
-            items = pbegin | "ReadTfds" >> _ReadTfds(s)
-        elif s.kind == "list":
-            lines = pbegin | "ReadList" >> beam.io.ReadFromText(s.spec)
-            items = lines | "ParseList" >> beam.FlatMap(
-                lambda ln, u=s.spec: _parse_list_line(u, ln)
-            )
-        else:
+        if s.kind == "files":
             # Listed straight into batches: a Beam element per file costs about as much as
             # reading and decoding a small image.
             batches = (
@@ -158,8 +152,23 @@ class ReadSource(beam.PTransform):
                 | "Pattern" >> beam.Create([s.spec])
                 | "ListFiles" >> beam.FlatMap(_file_batches, s.root)
             )
-            return batches | "Spread" >> beam.Reshuffle()
-        return items | "Batch" >> beam.BatchElements(**BATCH) | "Spread" >> beam.Reshuffle()
+        else:
+            if s.kind == "tfds":
+                items = pbegin | "ReadTfds" >> _ReadTfds(s)
+            else:
+                lines = pbegin | "ReadList" >> beam.io.ReadFromText(s.spec)
+                items = lines | "ParseList" >> beam.FlatMap(
+                    lambda ln, u=s.spec: _parse_list_line(u, ln)
+                )
+            batches = items | "Batch" >> beam.BatchElements(**BATCH)
+        # Shuffled as one bytes object per batch: Beam's local runner keeps a shuffle's
+        # values as Python objects, ~1 KB per Item, so the listing would grow its memory.
+        return (
+            batches
+            | "Pack" >> beam.Map(pickle.dumps)
+            | "Spread" >> beam.Reshuffle()
+            | "Unpack" >> beam.Map(pickle.loads)
+        )
 
 
 def tfds_builder(source: Source):
