@@ -358,3 +358,30 @@ def test_split_and_patches_do_not_depend_on_where_the_collection_lives(tmp_path)
         }
     assert runs["a/src"] == runs["b/elsewhere/src"]
     assert runs["a/src"]["eval"] and runs["a/src"]["train"]
+
+
+def test_glob_input_takes_only_the_matching_files(tmp_path):
+    """A folder is listed directly (os.walk); a glob goes through Beam's FileSystems.match.
+    Both name the same files, keys and labels for the files they share."""
+    src = tmp_path / "digits"
+    assert _sae("datasets", "export", "digits", str(src)).returncode == 0
+    (src / "notes.txt").write_text("not an image")  # only the folder listing sees this one
+    wanted = sorted(str(p) for p in src.glob("[12]/*.png"))
+    outs = {}
+    for name, spec in (("folder", str(src)), ("glob", f"{src}/[12]/*.png")):
+        outs[name] = str(tmp_path / name)
+        job.run(["--input", spec, "--output", outs[name], *FAST])
+    by_glob = manifest.load(outs["glob"])
+    assert by_glob.data["num_inputs"] == len(wanted) and by_glob.data["num_errors"] == 0
+    assert by_glob.label_names == ["1", "2"]
+    globbed = read_split(outs["glob"], "train") + read_split(outs["glob"], "eval")
+    assert sorted(r.key for r in globbed) == wanted
+    folder = {
+        r.key: r for r in read_split(outs["folder"], "train") + read_split(outs["folder"], "eval")
+    }
+    assert manifest.load(outs["folder"]).data["num_inputs"] == len(list(src.rglob("*.*")))
+    names = manifest.load(outs["folder"]).label_names
+    for r in globbed:  # same pixels and label name for the same file
+        np.testing.assert_array_equal(folder[r.key].image, r.image)
+        assert names[folder[r.key].label] == by_glob.label_names[r.label]
+    assert [e["uri"] for e in error_entries(outs["folder"])] == [str(src / "notes.txt")]
