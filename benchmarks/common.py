@@ -238,6 +238,23 @@ def measured_run(unit: str, n: int, m: dict, extra: dict, done: str) -> dict:
 # ----------------------------------------------------------------------------
 # Command line, workdir and report.
 # ----------------------------------------------------------------------------
+def median_run(runs: list[dict], key: str = "seconds") -> dict:
+    """Of repeated runs of one contender, the one with the median `key`, plus every run's
+    value (`KEY_all`): on this shared 2-core machine single runs of the same command were
+    seen to differ by 30%."""
+    middle = sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+    return {**middle, "repeats": len(runs), f"{key}_all": [r[key] for r in runs]}
+
+
+def add_repeats_arg(p: argparse.ArgumentParser, what: str = "each contender at 1x") -> None:
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help=f"runs of {what}, interleaved; the median is reported (default: 3)",
+    )
+
+
 def multipliers(text: str) -> list[int]:
     """argparse type of --sizes as data size multipliers: "1,4" -> [1, 4]; 1 must be there."""
     try:

@@ -15,7 +15,9 @@ What it does, in one run:
    --set hidden=256 --set epochs=1 --set steps_per_epoch=20 --verbose 0`, a 784->256 model
    whose quality does not matter here. Datasets and the model already in --workdir are reused.
 2. On the same 1x shards, times each contender as a subprocess, wall time including interpreter
-   and TensorFlow start-up and model loading; rows/s = rows / seconds:
+   and TensorFlow start-up and model loading; rows/s = rows / seconds. Each runs --repeats
+   times (default 3), interleaved, and is reported by its median run (`repeats`,
+   `seconds_all`): single runs on this shared machine swung by up to 30%.
      sae_1w   sae extract --data D --model W/export --output OUT --overwrite
                   --direct_running_mode=multi_processing --direct_num_workers=1
      sae_2w   the same with --direct_num_workers=2
@@ -87,6 +89,7 @@ from collections import Counter
 from pathlib import Path
 
 from common import (
+    add_repeats_arg,
     add_workdir_args,
     finish_report,
     log,
@@ -94,6 +97,7 @@ from common import (
     measure,
     measure_sae_job,
     measured_run,
+    median_run,
     memory_ratios,
     multipliers,
     open_workdir,
@@ -350,6 +354,7 @@ def make_parser() -> argparse.ArgumentParser:
         p,
         "where datasets, the model, outputs and logs go; datasets and the model there are reused",
     )
+    add_repeats_arg(p)
     # Hidden: the direct contender, run by this script as a subprocess.
     p.add_argument("--direct-loop", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--direct-data", help=argparse.SUPPRESS)
@@ -398,9 +403,17 @@ def main(argv: list[str] | None = None) -> int:
         model, secs = make_model(workdir, datasets[1])
         report["setup_seconds"]["model"] = secs
         one, fmt = datasets[1], args.format
-        record("direct@1x", run_direct(one, model, rows_1x, fmt, workdir, "direct@1x"))
-        record("sae_1w@1x", run_sae(one, model, rows_1x, 1, fmt, workdir, "sae_1w@1x"))
-        record("sae_2w@1x", run_sae(one, model, rows_1x, 2, fmt, workdir, "sae_2w@1x"))
+        contenders = {
+            "direct@1x": lambda name: run_direct(one, model, rows_1x, fmt, workdir, name),
+            "sae_1w@1x": lambda name: run_sae(one, model, rows_1x, 1, fmt, workdir, name),
+            "sae_2w@1x": lambda name: run_sae(one, model, rows_1x, 2, fmt, workdir, name),
+        }
+        repeated: dict[str, list] = {name: [] for name in contenders}
+        for _ in range(args.repeats):  # interleaved, so a slow spell hits every contender
+            for name, run in contenders.items():
+                result, digests[name] = run(name)
+                repeated[name].append(result)
+        runs.update({name: median_run(rs) for name, rs in repeated.items()})
         for k in sizes[1:]:
             n, d = k * rows_1x, datasets[k]
             record(f"sae_2w@{k}x", run_sae(d, model, n, 2, fmt, workdir, f"sae_2w@{k}x"))

@@ -10,8 +10,10 @@ What it does, in one run:
    noise, so files differ), plus a collection of 4N for the memory comparison (`--sizes 1,4`).
    A collection already in --workdir is reused.
 2. Reads every file once (page cache warm, so the order of the contenders does not
-   matter), then on the same 1x files times three contenders, each a subprocess, wall time including
-   interpreter and TensorFlow start-up; images/s = files / seconds:
+   matter), then on the same 1x files times the contenders below, each a subprocess, wall time
+   including interpreter and TensorFlow start-up; images/s = files / seconds. Each runs
+   --repeats times (default 3), interleaved, and is reported by its median run (`repeats`,
+   `seconds_all`): single runs on this shared machine swung by up to 30%.
      sae_1w       sae preprocess --input DIR --resize 28x28 --channels 1 --output OUT --overwrite
                       --direct_running_mode=multi_processing --direct_num_workers=1
      sae_2w       the same with --direct_num_workers=2
@@ -42,13 +44,9 @@ Beam's DirectRunner first tries the Prism runner, downloading its binary from Gi
 it falls back to the in-process FnApiRunner that --direct_num_workers controls. A "prism"
 entry in `process_names` means Prism ran and the worker counts above may not be what ran.
 
-Run time of the full default run on 2 cores: about 5-10 min (extrapolated, not yet measured at
-full size), well inside the issue's 25 min, so its sizes are kept. Smoke runs of 20-16,000 files
-on a 2-core machine with ~1 core taken by other work cost, in wall time, about 17 s + 0.6 ms/file
-for sae_2w, 10 s + 0.8 ms/file for sae_1w and 5 s + 0.11 ms/file for the plain loop, so: writing
-the 250k files 1-4 min (once; reused with --workdir), then at 1x about 0.8 + 0.8 + 0.2 min and at
-4x about 2.1 + 0.5 min. The `sae` process grew by 14-20 KB per file in those runs, so expect a
-few GB of RSS at 200k files (the machine needs ~8 GB free).
+Run time on 2 cores: writing the 250,000 files takes 1-4 min (once; reused with --workdir); a
+single-repeat run with the files in place took 2 min (`total_seconds` in the JSON), so the
+default 3 repeats take about 4 min. Peak memory stays under 1.2 GB for the whole tree.
 """
 
 from __future__ import annotations
@@ -64,12 +62,14 @@ from pathlib import Path
 
 import numpy as np
 from common import (
+    add_repeats_arg,
     add_workdir_args,
     finish_report,
     log,
     measure,
     measure_sae_job,
     measured_run,
+    median_run,
     memory_ratios,
     multipliers,
     open_workdir,
@@ -258,6 +258,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--skip-4x", action="store_true", help="quick run: same as --sizes 1")
     add_workdir_args(p, "where collections, outputs and logs go; collections there are reused")
+    add_repeats_arg(p)
     # Hidden: the plain-loop contender, run by this script as a subprocess.
     p.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--plain-input", help=argparse.SUPPRESS)
@@ -295,12 +296,20 @@ def main(argv: list[str] | None = None) -> int:
         runs = report["runs"]
         one = collections[1]
         warm_page_cache(one)
-        runs["plain_loop@1x"] = run_plain(one, args.images, workdir, "plain_loop@1x")
-        runs["plain_loop_sae_encoder@1x"] = run_plain(
-            one, args.images, workdir, "plain_loop_sae_encoder@1x", encoder="sae"
-        )
-        runs["sae_1w@1x"] = run_sae(one, args.images, 1, workdir, "sae_1w@1x")
-        runs["sae_2w@1x"] = run_sae(one, args.images, 2, workdir, "sae_2w@1x")
+        n1 = args.images
+        contenders = {
+            "plain_loop@1x": lambda name: run_plain(one, n1, workdir, name),
+            "plain_loop_sae_encoder@1x": lambda name: run_plain(
+                one, n1, workdir, name, encoder="sae"
+            ),
+            "sae_1w@1x": lambda name: run_sae(one, n1, 1, workdir, name),
+            "sae_2w@1x": lambda name: run_sae(one, n1, 2, workdir, name),
+        }
+        repeated: dict[str, list] = {name: [] for name in contenders}
+        for _ in range(args.repeats):  # interleaved, so a slow spell hits every contender
+            for name, run in contenders.items():
+                repeated[name].append(run(name))
+        runs.update({name: median_run(rs) for name, rs in repeated.items()})
         for k in sizes[1:]:
             n = k * args.images
             warm_page_cache(collections[k])
