@@ -246,12 +246,14 @@ def median_run(runs: list[dict], key: str = "seconds") -> dict:
     return {**middle, "repeats": len(runs), f"{key}_all": [r[key] for r in runs]}
 
 
-def add_repeats_arg(p: argparse.ArgumentParser, what: str = "each contender at 1x") -> None:
+def add_repeats_arg(
+    p: argparse.ArgumentParser, what: str = "each contender at 1x", default: int = 3
+) -> None:
     p.add_argument(
         "--repeats",
         type=int,
-        default=3,
-        help=f"runs of {what}, interleaved; the median is reported (default: 3)",
+        default=default,
+        help=f"runs of {what}, interleaved; the median is reported (default: {default})",
     )
 
 

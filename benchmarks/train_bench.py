@@ -14,9 +14,10 @@ For each model size (`--sizes`, default 784x256 and 64x25; global batch 256) it:
    epoch (tracing, first file opens, shuffle-buffer fill), then --epochs timed epochs of
    --steps-per-epoch steps (default: one pass, train examples // 256). Per epoch,
    examples/s = steps * 256 / wall seconds of the epoch; reported: the median over the timed
-   epochs and its min/max. (a) and (b) run --repeats times (default 3), interleaved a, b, a,
-   b, ...; each is reported by its median run (`repeats`, `examples_per_s_all`), because their
-   ratio is a target and single runs on this shared machine swung it by +-20%. The TF
+   epochs and its min/max. (a) and (b) run --repeats times (default 5), interleaved a, b, a,
+   b, ...; each is reported by its median run (`repeats`, `examples_per_s_all`) and their
+   ratio is the median of the back-to-back pairs' ratios, because single runs on this shared
+   machine swung it by +-20% (the machine's speed drifts over seconds). The TF
    contenders run in this process, one after another:
      input_pipeline_only  `trainer.data.train_stream` iterated alone, no model: the most the
                      input pipeline can deliver here (and the CPU it needs to do so).
@@ -61,7 +62,8 @@ Output: progress on stderr, one JSON object on stdout (and in --out FILE):
       pipeline's threads show here), background_cores (CPU other work used meanwhile; near 0
       for a clean number), what}; a skipped contender is {"skipped": "why"}, a failed one
       {"failed": "why"}.
-  sizes[...].ratio_a_over_b    a_sae_stream / b_in_memory     target >= 0.95 (input never starves)
+  sizes[...].ratio_a_over_b    a_sae_stream / b_in_memory     target >= 0.95 (input never starves):
+                               the median over the back-to-back pairs (ratio_a_over_b_pairs)
   sizes[...].ratio_a_over_d    a_sae_stream / the faster torch loop   target > 1
   sizes[...].ratio_a_cli_over_a, ratio_a_over_c, ratio_input_only_over_b   for diagnosis: the
       trainer's per-epoch extras; the article's baseline; the pipeline's headroom (near or
@@ -538,9 +540,14 @@ def bench_size(n: int, s: int, args, workdir: Path) -> dict:
         runs.update(out)
 
     a, b = _rate(runs, "a_sae_stream"), _rate(runs, "b_in_memory")
+    # Paired: each (a, b) pair ran back to back, so a slow spell of the machine hits both.
+    pairs = [
+        ra["examples_per_s"] / rb["examples_per_s"]
+        for ra, rb in zip(repeated["a_sae_stream"], repeated["b_in_memory"], strict=True)
+    ]
     torch_rates = [r for r in (_rate(runs, "d_torch"), _rate(runs, "d_torch_dataloader")) if r]
     d = max(torch_rates) if torch_rates else None
-    a_over_b, a_over_d = ratio(a, b), ratio(a, d)
+    a_over_b, a_over_d = round(statistics.median(pairs), 3), ratio(a, d)
     return {
         "model": f"{n} -> {s}",
         "preset": preset_for(n),
@@ -558,6 +565,7 @@ def bench_size(n: int, s: int, args, workdir: Path) -> dict:
         "torch_threads": torch_threads,
         "runs": runs,
         "ratio_a_over_b": a_over_b,
+        "ratio_a_over_b_pairs": [round(r, 3) for r in pairs],
         "ratio_a_over_c": ratio(a, _rate(runs, "c_keras_example1")),
         "ratio_a_over_d": a_over_d,
         "ratio_a_cli_over_a": ratio(_rate(runs, "a_sae_cli"), a),
@@ -600,7 +608,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-torch", action="store_true", help="do not run the PyTorch contender")
     p.add_argument("--skip-cli", action="store_true", help="do not run the `sae train` subprocess")
     add_workdir_args(p, "where datasets and scratch files go; datasets there are reused")
-    add_repeats_arg(p, "(a) and (b)")
+    add_repeats_arg(p, "(a) and (b)", default=5)
     # Hidden: the PyTorch contender, run by this script as a subprocess.
     p.add_argument("--torch-worker", metavar="SPEC_JSON", help=argparse.SUPPRESS)
     return p
