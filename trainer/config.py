@@ -24,8 +24,8 @@ Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value 
                    photos, eval mean rho_hat 0.013, 55% of the variance explained). On the
                    unwhitened builtin:natural-images (--eval-fraction 0.2) the filters are
                    blurrier oriented edges and gradients; the training batches' mean rho_hat
-                   ends near 0.011, while the held-out photo, smoother than the others, gets
-                   0.004 and 28% of its variance explained (measured 2026-11-27).
+                   ends near 0.011, while the held-out photo gets 0.004 and 28% of its
+                   variance explained (measured 2026-11-27).
                    The alternative for mean-removed or whitened data
                    that is not squashed into [0.1, 0.9] is the linear decoder:
                    `--set decoder=linear` (UFLDL's linear-decoder exercise).
