@@ -16,8 +16,8 @@ shards the data across workers by FILE when every worker gets at least
 Order guarantee: the training stream is a pure function of (manifest, seed):
 epoch e is the train split shuffled with seed (seed, e) (a stateless Philox
 permutation in memory; file order plus a seeded shuffle buffer when streaming), and
-epochs follow one another. A run resumed at global step g skips the first g batches of that same
-stream, so an interrupted and resumed run sees exactly the batches an
+epochs follow one another. A run resumed at global step g skips the first g batches
+of that same stream, so an interrupted and resumed run sees exactly the batches an
 uninterrupted run would (single worker; with several workers the order within a
 step may differ because FILE/DATA sharding assigns data per worker).
 """

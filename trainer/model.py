@@ -373,8 +373,8 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
 def build_model(config: TrainConfig, steps_per_execution: int = 1) -> SparseAutoencoder:
     """A compiled SparseAutoencoder; call inside `strategy.scope()` to distribute it.
 
-    `steps_per_execution`: steps per TensorFlow function call in fit/evaluate (a step count
-    of fit or evaluate must be a multiple of it; `TrainConfig.execution_steps` picks one).
+    `steps_per_execution`: training steps per TensorFlow function call (fit's
+    steps_per_epoch must be a multiple of it; `TrainConfig.execution_steps` picks one).
     """
     model = SparseAutoencoder(config)
     compile_model(model, make_optimizer(config), steps_per_execution)
