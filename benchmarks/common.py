@@ -24,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 SAMPLE_SECONDS = 0.2
 # Peak RSS of `sae` with 2 workers at the largest data size over the 1x size, at most.
@@ -238,6 +239,17 @@ def measured_run(unit: str, n: int, m: dict, extra: dict, done: str) -> dict:
 # ----------------------------------------------------------------------------
 # Command line, workdir and report.
 # ----------------------------------------------------------------------------
+def run_interleaved(contenders: dict[str, Callable[[str], Any]], repeats: int) -> dict[str, list]:
+    """Runs each contender (called with its name) `repeats` times, round by round, so a slow
+    spell of the machine hits every contender alike. {name: its results, in order}."""
+    results: dict[str, list] = {name: [] for name in contenders}
+    for i in range(repeats):
+        log(f"round {i + 1}/{repeats}")
+        for name, run in contenders.items():
+            results[name].append(run(name))
+    return results
+
+
 def median_run(runs: list[dict], key: str = "seconds") -> dict:
     """Of repeated runs of one contender, the one with the median `key`, plus every run's
     value (`KEY_all`): on this shared 2-core machine single runs of the same command were

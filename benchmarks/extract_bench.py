@@ -63,14 +63,9 @@ Output: progress on stderr, one JSON object on stdout (and in --out FILE if give
 runner, which holds the data between stages). Numbers are one measurement each: trust them only
 when `background_cores` (CPU used by other work meanwhile) is near 0.
 
-Run time of the full default run on 2 cores: about 3-5 min (extrapolated, not yet measured at
-full size). In smoke runs of 1.2k-40k rows on an otherwise idle 2-core machine, `sae extract`
-took about 13 s (1 worker) or 14 s (2 workers) at 1.2k rows, almost all of it start-up, and each
-further row cost about 0.1 ms with 2 workers (7-11k rows/s). The direct loop took 6-8 s in all
-at 1.2k-20k rows, ~4.5 s of it start-up; its loop ran at ~16k rows/s between 5k and 20k rows.
-`sae preprocess` took ~10 s per dataset up to 40k rows and the model ~8 s. So: about 1 min of
-set-up (once; reused with --workdir), then ~0.2 + 0.4 + 0.3 min at 1x and ~0.6 + 0.3 min at 4x.
-The --rows 5000 smoke run takes ~1.5 min (1 min with its data reused).
+Run time on 2 cores (AMD EPYC), measured 2026-11-27 with the datasets and the model reused from
+--workdir: 126 s for the default run (3 repeats at 1x, then 4x); making them adds about 1-2 min
+once.
 """
 
 from __future__ import annotations
@@ -103,6 +98,7 @@ from common import (
     open_workdir,
     quiet_env,
     ratio,
+    run_interleaved,
     sae_command,
     start_report,
 )
@@ -408,12 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             "sae_1w@1x": lambda name: run_sae(one, model, rows_1x, 1, fmt, workdir, name),
             "sae_2w@1x": lambda name: run_sae(one, model, rows_1x, 2, fmt, workdir, name),
         }
-        repeated: dict[str, list] = {name: [] for name in contenders}
-        for _ in range(args.repeats):  # interleaved, so a slow spell hits every contender
-            for name, run in contenders.items():
-                result, digests[name] = run(name)
-                repeated[name].append(result)
-        runs.update({name: median_run(rs) for name, rs in repeated.items()})
+        for name, outcomes in run_interleaved(contenders, args.repeats).items():
+            runs[name] = median_run([result for result, _ in outcomes])
+            digests[name] = outcomes[-1][1]
         for k in sizes[1:]:
             n, d = k * rows_1x, datasets[k]
             record(f"sae_2w@{k}x", run_sae(d, model, n, 2, fmt, workdir, f"sae_2w@{k}x"))

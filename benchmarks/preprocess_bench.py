@@ -44,9 +44,9 @@ Beam's DirectRunner first tries the Prism runner, downloading its binary from Gi
 it falls back to the in-process FnApiRunner that --direct_num_workers controls. A "prism"
 entry in `process_names` means Prism ran and the worker counts above may not be what ran.
 
-Run time on 2 cores: writing the 250,000 files takes 1-4 min (once; reused with --workdir); a
-single-repeat run with the files in place took 2 min (`total_seconds` in the JSON), so the
-default 3 repeats take about 4 min. Peak memory stays under 1.2 GB for the whole tree.
+Run time on 2 cores (AMD EPYC), measured 2026-11-27 with the files reused from --workdir: 171 s
+for the default run (3 repeats at 1x, then 4x; `total_seconds` in the JSON); writing the 250,000
+files adds 1-4 min once. Peak memory stayed under 1.2 GB for the whole tree.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ from common import (
     multipliers,
     open_workdir,
     ratio,
+    run_interleaved,
     sae_command,
     start_report,
 )
@@ -305,10 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             "sae_1w@1x": lambda name: run_sae(one, n1, 1, workdir, name),
             "sae_2w@1x": lambda name: run_sae(one, n1, 2, workdir, name),
         }
-        repeated: dict[str, list] = {name: [] for name in contenders}
-        for _ in range(args.repeats):  # interleaved, so a slow spell hits every contender
-            for name, run in contenders.items():
-                repeated[name].append(run(name))
+        repeated = run_interleaved(contenders, args.repeats)
         runs.update({name: median_run(rs) for name, rs in repeated.items()})
         for k in sizes[1:]:
             n = k * args.images

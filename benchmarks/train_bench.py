@@ -72,15 +72,13 @@ Output: progress on stderr, one JSON object on stdout (and in --out FILE):
   targets_all_pass             every target of every size passed (null if one was not measured)
 With torch not installed, d is reported as "skipped: torch not installed" (install it with
 `.venv/bin/pip install torch==2.13.0`, the CPU wheel; torch is not a runtime dependency).
-Numbers are single measurements, contenders run one after another: on a shared machine trust a
+Numbers other than (a) and (b) are single measurements, contenders run one after another: trust a
 ratio only when background_cores is near 0 for both runs. PyTorch with as many threads as cores
 slows down far more than TensorFlow when another process takes a core.
 
-Run time on 2 cores (AMD EPYC, shared with other work): the smoke run (--examples 5000
---epochs 2) took 81 s, 30 s of it making the two datasets. The full default run (30,000
-examples, 117 steps x (1 + 10) epochs per contender) was not run here; from the smoke run's
-rates it takes about 4 min on an idle machine (1 min making the datasets, reused with
---workdir), up to about 7 min when the machine is busy (mostly the torch loops).
+Run time on 2 cores (AMD EPYC), measured 2026-11-27 with the datasets reused from --workdir
+and torch installed: 210 s for the default run (5 repeats of (a) and (b)); making the two
+datasets adds about 1 min once.
 """
 
 from __future__ import annotations
@@ -111,6 +109,7 @@ from common import (
     package_version,
     quiet_env,
     ratio,
+    run_interleaved,
     sae_command,
     start_report,
 )
@@ -512,12 +511,21 @@ def bench_size(n: int, s: int, args, workdir: Path) -> dict:
     runs: dict = {}
     log(f"{n}x{s} input_pipeline_only ...")
     runs["input_pipeline_only"] = bench_input_only(cfg, manifest, steps, args.epochs)
-    repeated: dict[str, list] = {"a_sae_stream": [], "b_in_memory": []}
-    for i in range(args.repeats):  # interleaved, so a slow spell hits both
-        log(f"{n}x{s} a_sae_stream ({i + 1}/{args.repeats}) ...")
-        repeated["a_sae_stream"].append(bench_sae_stream(cfg, manifest, steps, args.epochs))
-        log(f"{n}x{s} b_in_memory ({i + 1}/{args.repeats}) ...")
-        repeated["b_in_memory"].append(bench_in_memory(cfg, images, steps, args.epochs))
+
+    def logged(run):
+        def go(name: str) -> dict:
+            log(f"{n}x{s} {name} ...")
+            return run()
+
+        return go
+
+    repeated = run_interleaved(
+        {
+            "a_sae_stream": logged(lambda: bench_sae_stream(cfg, manifest, steps, args.epochs)),
+            "b_in_memory": logged(lambda: bench_in_memory(cfg, images, steps, args.epochs)),
+        },
+        args.repeats,
+    )
     for name, rs in repeated.items():
         runs[name] = median_run(rs, key="examples_per_s")
     log(f"{n}x{s} c_keras_example1 ...")
