@@ -16,8 +16,7 @@ import atexit, sys, types
 if sys.argv[1] == "worker":  # what a Beam SDK worker process looks like to the check
     sys.modules["__main__"].__spec__ = types.SimpleNamespace(
         name="apache_beam.runners.worker.sdk_worker_main")
-import tensorflow
-atexit.register(print, " teardown", end="")  # stands for what TensorFlow registers
+atexit.register(print, " teardown", end="")  # stands for TensorFlow's and Beam's teardown
 from preprocessing.exiting import skip_teardown_at_worker_exit
 skip_teardown_at_worker_exit()
 print("flushed", end="")
