@@ -382,7 +382,7 @@ def build_model(config: TrainConfig, steps_per_execution: int = 1) -> SparseAuto
 
 
 def compile_model(model: SparseAutoencoder, optimizer, steps_per_execution: int) -> None:
-    """(Re)compiles `model`, e.g. to change steps_per_execution; call inside the scope."""
+    """Compiles `model` with `optimizer`; call inside the strategy's scope."""
     # No XLA: Keras's "auto" turns it on whenever a GPU is present, and XLA cannot compile a
     # step whose batch dict carries string keys; measured on 2 CPU cores, XLA also made the
     # 64 -> 25 step slower once several steps run per call.

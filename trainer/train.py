@@ -235,21 +235,23 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if chief:
         _write(join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
 
+    # Compiled once the restored step is known (it picks the steps per call, below).
     with strategy.scope():
-        model = model_lib.build_model(cfg)
-        model.optimizer.build(model.trainable_variables)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        model = model_lib.SparseAutoencoder(cfg)
+        optimizer = model_lib.make_optimizer(cfg)
+        optimizer.build(model.trainable_variables)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
     manager = tf.train.CheckpointManager(ckpt, join(out_dir, "checkpoints"), max_to_keep=3)
     latest = tf.train.latest_checkpoint(join(workdir, "checkpoints"))
     if latest:
         ckpt.restore(latest).assert_existing_objects_matched()
     elif args.init_from:
         _warm_start(model, args.init_from)
-    step = int(model.optimizer.iterations.numpy())
+    step = int(optimizer.iterations.numpy())
     per_epoch = data.steps_per_epoch(manifest, cfg.global_batch_size, cfg.steps_per_epoch)
     total = cfg.epochs * per_epoch
     with strategy.scope():
-        model_lib.compile_model(model, model.optimizer, cfg.execution_steps(per_epoch, step))
+        model_lib.compile_model(model, optimizer, cfg.execution_steps(per_epoch, step))
     print(
         f"train: {manifest.num_examples('train')} train / {manifest.num_examples('eval')} eval "
         f"examples, {strategy.num_replicas_in_sync} replica(s) "
