@@ -420,7 +420,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             # Decoded batches (<= 256 images) are the encode batches.
             batches = decoded.examples | "FromDecoded" >> beam.Map(_from_decoded)
             errors = decoded.errors
-            count = expected = preprocess_job.count_batched(decoded.items, "CountInputs")
+            count = expected = decoded.num_inputs
             header["label_names"] = None  # filled below from the decoded labels
         encoded = batches | "Encode" >> beam.ParDo(Encode(export_dir, kind, value)).with_outputs(
             "stats", main="features"

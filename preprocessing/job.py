@@ -399,7 +399,7 @@ def _sorted_labels(labels: list[str]) -> list[str]:
 
 
 class Decoded(NamedTuple):
-    items: beam.PCollection  # batches of inputs (list[sources.Item])
+    num_inputs: beam.PCollection  # singleton: the number of inputs
     labels: beam.PCollection  # singleton: the label names, in index order
     examples: beam.PCollection  # batches: list[(split, key, serialized Example, pixels)]
     errors: beam.PCollection  # {"uri", "reason"} per rejected input
@@ -411,26 +411,17 @@ def read_and_decode(
     p: beam.Pipeline, source: sources.Source, shape, opts: dict, declared_labels: list[str] | None
 ) -> Decoded:
     """The decode path every image source goes through (also used by `sae extract`)."""
-    items = p | "ReadSource" >> sources.ReadSource(source)
+    listing = p | "ReadSource" >> sources.ReadSource(source, declared_labels is None)
     if declared_labels is not None:
         labels = p | "DeclaredLabels" >> beam.Create([declared_labels])
     else:
-        labels = (
-            items
-            | "LabelOf" >> beam.FlatMap(lambda b: [it.label for it in b if it.label is not None])
-            | "DistinctLabels" >> beam.Distinct()
-            | "CollectLabels" >> beam.combiners.ToList()
-            | "SortLabels" >> beam.Map(_sorted_labels)
-        )
-    decoded = items | "Decode" >> beam.ParDo(
+        labels = listing.labels | "SortLabels" >> beam.Map(_sorted_labels)
+    decoded = listing.batches | "Decode" >> beam.ParDo(
         DecodeBatch(shape, opts), beam.pvalue.AsSingleton(labels)
     ).with_outputs("errors", "accepted", "stats", main="examples")
-    return Decoded(items, labels, decoded.examples, decoded.errors, decoded.accepted, decoded.stats)
-
-
-def count_batched(batches: beam.PCollection, label: str) -> beam.PCollection:
-    """Singleton: the number of elements in a PCollection of lists."""
-    return batches | label >> (beam.Map(len) | beam.CombineGlobally(sum))
+    return Decoded(
+        listing.count, labels, decoded.examples, decoded.errors, decoded.accepted, decoded.stats
+    )
 
 
 def build(
@@ -443,10 +434,9 @@ def build(
     src_text: str,
 ) -> None:
     decoded = read_and_decode(p, source, shape, opts, declared_labels)
-    items = decoded.items
     labels_si = beam.pvalue.AsSingleton(decoded.labels)
     stats = decoded.stats | "PixelStats" >> beam.CombineGlobally(PixelStats())
-    num_inputs = count_batched(items, "CountInputs")
+    num_inputs = decoded.num_inputs
     # Decided from the input count, before decoding, so shards are written as examples come.
     num_shards = num_inputs | "NumShards" >> beam.Map(shard_counts, shape, opts)
     writer = functools.partial(write_tfrecord_shard, compression=opts["compression"])

@@ -19,7 +19,9 @@ import itertools
 import os
 import pickle
 import posixpath
+import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -125,50 +127,68 @@ def _parse_list_line(list_uri: str, line: str) -> list[Item]:
 BATCH = {"min_batch_size": 16, "max_batch_size": 256}
 
 
+class Listing(NamedTuple):
+    batches: beam.PCollection  # list[Item], spread over the workers
+    count: beam.PCollection  # singleton: the number of inputs
+    labels: beam.PCollection | None  # singleton: the distinct labels seen (derive_labels)
+
+
 class ReadSource(beam.PTransform):
-    """PBegin -> PCollection[list[Item]]: every input once, in batches.
+    """PBegin -> Listing: every input once, in batches, with the input count and labels.
 
     Batches amortize Beam's per-element cost, which dominates for small images; the
     Reshuffle spreads them (and the expensive reads and decodes) over all workers.
+    The count and labels are summed up on the listing side of the Reshuffle: a summary
+    of the spread batches would be a second consumer of them, and then the local runner
+    materializes every Item between stages instead of streaming them into the decode.
     """
 
-    def __init__(self, source: Source):
+    def __init__(self, source: Source, derive_labels: bool = False):
         super().__init__()
-        self.source = source
+        self.source, self.derive_labels = source, derive_labels
 
     def expand(self, pbegin):
+        batches = pbegin | "List" >> self._list()
+        count = batches | "Count" >> (beam.Map(len) | beam.CombineGlobally(sum))
+        labels = None
+        if self.derive_labels:
+            labels = (
+                batches
+                | "LabelOf" >> beam.FlatMap(lambda b: {it.label for it in b} - {None})
+                | "DistinctLabels" >> beam.Distinct()
+                | "CollectLabels" >> beam.combiners.ToList()
+            )
+        # Shuffled as one compressed bytes object per batch (a listing compresses ~7x):
+        # the local runner holds a shuffle's whole content, in several copies, so its
+        # memory grows with these bytes (measured: 1.29x -> 1.14x from 50,000 to 200,000
+        # files with compression).
+        spread = (
+            batches
+            | "Pack" >> beam.Map(lambda b: zlib.compress(pickle.dumps(b), 1))
+            | "Spread" >> beam.Reshuffle()
+            | "Unpack" >> beam.Map(lambda z: pickle.loads(zlib.decompress(z)))
+        )
+        return Listing(spread, count, labels)
+
+    def _list(self) -> beam.PTransform:
+        """PBegin -> PCollection[list[Item]]."""
         s = self.source
         if s.kind == "builtin":
             images, _ = builtin.load(s.spec)
             items = [Item(im.key, im.key, im.key, im.label, im.pixels) for im in images]
             size = BATCH["max_batch_size"]
-            batches = [items[i : i + size] for i in range(0, len(items), size)]
-            return pbegin | "CreateBuiltin" >> beam.Create(batches)
+            return beam.Create([items[i : i + size] for i in range(0, len(items), size)])
         if s.kind == "files":
             # Listed straight into batches: a Beam element per file costs about as much as
             # reading and decoding a small image.
-            batches = (
-                pbegin
-                | "Pattern" >> beam.Create([s.spec])
-                | "ListFiles" >> beam.FlatMap(_file_batches, s.root)
-            )
+            return beam.Create([s.spec]) | "ListFiles" >> beam.FlatMap(_file_batches, s.root)
+        if s.kind == "tfds":
+            items = _ReadTfds(s)
         else:
-            if s.kind == "tfds":
-                items = pbegin | "ReadTfds" >> _ReadTfds(s)
-            else:
-                lines = pbegin | "ReadList" >> beam.io.ReadFromText(s.spec)
-                items = lines | "ParseList" >> beam.FlatMap(
-                    lambda ln, u=s.spec: _parse_list_line(u, ln)
-                )
-            batches = items | "Batch" >> beam.BatchElements(**BATCH)
-        # Shuffled as one bytes object per batch: Beam's local runner keeps a shuffle's
-        # values as Python objects, ~1 KB per Item, so the listing would grow its memory.
-        return (
-            batches
-            | "Pack" >> beam.Map(pickle.dumps)
-            | "Spread" >> beam.Reshuffle()
-            | "Unpack" >> beam.Map(pickle.loads)
-        )
+            items = beam.io.ReadFromText(s.spec) | "ParseList" >> beam.FlatMap(
+                lambda ln, u=s.spec: _parse_list_line(u, ln)
+            )
+        return items | "Batch" >> beam.BatchElements(**BATCH)
 
 
 def tfds_builder(source: Source):

@@ -385,3 +385,30 @@ def test_glob_input_takes_only_the_matching_files(tmp_path):
         np.testing.assert_array_equal(folder[r.key].image, r.image)
         assert names[folder[r.key].label] == by_glob.label_names[r.label]
     assert [e["uri"] for e in error_entries(outs["folder"])] == [str(src / "notes.txt")]
+
+
+def test_spread_inputs_stream_into_the_decode_alone(tmp_path):
+    """The local runner materializes a PCollection between stages when a second consumer
+    needs it whole first (e.g. a count feeding a side input); the spread listing must feed
+    only the decode, so per-input data never piles up in the runner (flat memory)."""
+    import apache_beam as beam
+
+    from preprocessing import sources
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"not read: the pipeline is only built")
+    source = sources.parse(str(tmp_path))
+    opts = {"patches": None, "eval_fraction": 0.1, "compression": "none", "num_shards": 1}
+    p = beam.Pipeline()
+    job.build(p, source, str(tmp_path / "out"), (4, 4, 1), opts, None, str(tmp_path))
+
+    consumers: dict[str, list[str]] = {}
+
+    class Consumers(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node):
+            for pc in [*node.inputs, *(si.pvalue for si in node.side_inputs)]:
+                if pc.producer is not None:  # None: the pipeline's start
+                    consumers.setdefault(pc.producer.full_label, []).append(node.full_label)
+
+    p.visit(Consumers())
+    assert consumers["ReadSource/Unpack"] == ["Decode/ParDo(DecodeBatch)"]
