@@ -44,9 +44,9 @@ Beam's DirectRunner first tries the Prism runner, downloading its binary from Gi
 it falls back to the in-process FnApiRunner that --direct_num_workers controls. A "prism"
 entry in `process_names` means Prism ran and the worker counts above may not be what ran.
 
-Run time on 2 cores (AMD EPYC), measured 2026-11-27 with the files reused from --workdir: 171 s
+Run time on 2 cores (AMD EPYC), measured 2026-11-27 with the files reused from --workdir: 150 s
 for the default run (3 repeats at 1x, then 4x; `total_seconds` in the JSON); writing the 250,000
-files adds 1-4 min once. Peak memory stayed under 1.2 GB for the whole tree.
+files adds 1-4 min once. Peak memory stayed under 0.8 GB for the whole tree.
 """
 
 from __future__ import annotations
