@@ -411,7 +411,7 @@ def read_and_decode(
     p: beam.Pipeline, source: sources.Source, shape, opts: dict, declared_labels: list[str] | None
 ) -> Decoded:
     """The decode path every image source goes through (also used by `sae extract`)."""
-    listing = p | "ReadSource" >> sources.ReadSource(source, declared_labels is None)
+    listing = p | "ReadSource" >> sources.ReadSource(source, derive_labels=declared_labels is None)
     if declared_labels is not None:
         labels = p | "DeclaredLabels" >> beam.Create([declared_labels])
     else:
