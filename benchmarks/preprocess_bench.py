@@ -161,6 +161,14 @@ def plain_loop(input_dir: str, output: str, encoder: str = "tf") -> dict:
             return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
+    def tf_example(key: str, arr: np.ndarray, label: int | None) -> bytes:
+        h, w, c = arr.shape
+        values = {"image": arr.tobytes(), "height": h, "width": w, "channels": c,
+                  "key": key.encode("utf-8"), "label": label}  # fmt: skip
+        features = {k: feature(v) for k, v in values.items() if v is not None}
+        return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+    serialize = records.encode if encoder == "sae" else tf_example
     n = 0
     with tf.io.TFRecordWriter(output) as writer:
         for dirpath, dirnames, filenames in os.walk(input_dir):
@@ -173,20 +181,7 @@ def plain_loop(input_dir: str, output: str, encoder: str = "tf") -> dict:
                     grey = img.convert("L")
                 if grey.size != (SIDE, SIDE):
                     grey = grey.resize((SIDE, SIDE), Image.Resampling.BILINEAR)
-                arr = np.asarray(grey)[:, :, None]
-                if encoder == "sae":
-                    writer.write(records.encode(path, arr, label))
-                    n += 1
-                    continue
-                h, w, c = arr.shape
-                values = {"image": arr.tobytes(), "height": h, "width": w, "channels": c,
-                          "key": path.encode("utf-8"), "label": label}  # fmt: skip
-                example = tf.train.Example(
-                    features=tf.train.Features(
-                        feature={k: feature(v) for k, v in values.items() if v is not None}
-                    )
-                )
-                writer.write(example.SerializeToString())
+                writer.write(serialize(path, np.asarray(grey)[:, :, None], label))
                 n += 1
     return {"examples": n}
 
