@@ -413,6 +413,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 "seed": 0,
                 "eval_fraction": 0.0,
                 "max_pixels": images.MAX_PIXELS,
+                "exact_decode": False,
             }
             decoded = preprocess_job.read_and_decode(
                 p, source, shape, opts, sources.label_names(source)

@@ -10,13 +10,14 @@ other exception is a bug and should crash loudly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 # Pillow's own default, restated so our limit does not move if someone edits the global.
 MAX_PIXELS: int = 89_478_485
@@ -47,23 +48,106 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     Raises ImageError for empty, non-image, truncated or corrupt data, and for images with
     more than `max_pixels` pixels, checked from the header before any pixel is decoded.
     """
+    with _decoding():
+        img = _open(data, max_pixels)
+        return _load(img)
+
+
+def decode_resized(
+    data: bytes,
+    channels: int,
+    height: int,
+    width: int,
+    mode: str,
+    max_pixels: int = MAX_PIXELS,
+    exact: bool = False,
+) -> np.ndarray:
+    """Encoded image -> uint8 [height, width, channels]: `resize(to_array(decode(data)))`.
+
+    A JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8 scale in the DCT
+    domain (Pillow's `draft`), never below what the resize needs, then resampled the same
+    way; the mean error this adds was measured (benchmarks/preprocess_bench.py, PSNR).
+    `exact=True`, or any other format, decodes at full size: then the result equals
+    `resize(to_array(decode(data), channels), height, width, mode)` bit for bit. The work
+    stays in Pillow (no array copies of the full-size image), which is most of the speed.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
+    with _decoding():
+        img = _open(data, max_pixels)
+        if exact or img.format != "JPEG":
+            return _pixels(_resize_pil(_convert(_load(img), channels), height, width, mode))
+        # Resized in the file's orientation, then turned: the draft's partial last block
+        # stays at the right and bottom edges, where the resize box expects it.
+        turn = _EXIF_TRANSPOSE.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+        stored = (width, height) if turn in _TRANSPOSING else (height, width)
+        extent = _draft(img, channels, *stored, mode)
+        img.load()
+    return _pixels(_resize_pil(_convert(img, channels), height, width, mode, extent, turn))
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageError("empty file (0 bytes); remove it or re-download it")
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, over the "
+            f"{max_pixels}-pixel limit (possible decompression bomb); downscale it"
+        )
+    return img
+
+
+def _load(img: Image.Image) -> Image.Image:
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when upright
+    return img
+
+
+def _draft(
+    img: Image.Image, channels: int, height: int, width: int, mode: str
+) -> tuple[float, float] | None:
+    """Asks the JPEG decoder for the smallest DCT scale (1, 1/2, 1/4 or 1/8) whose output
+    still covers what the resize samples, so no detail the target can show is lost.
+
+    Returns the picture's extent (width, height) in decoded pixels, as floats: at 1/s
+    scale the last column and row of pixels can be partly outside the picture, so the
+    resize box must use this, not the pixel size.
+    """
+    w, h = img.size
+    if mode == "pad":
+        scale = min(height / h, width / w)
+        need = (max(1, round(w * scale)), max(1, round(h * scale)))
+    else:  # squash and crop: the (centre-cropped) picture must cover the whole target
+        need = (width, height)
+    # Grey output decodes only the luma plane: the ITU-R 601 weights of convert('L').
+    res = img.draft("L" if channels == 1 else "RGB", need)
+    return None if res is None else (res[1][2], res[1][3])
+
+
+# How each EXIF orientation is undone (as ImageOps.exif_transpose does); 5-8 swap the sides.
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_TRANSPOSING = {_EXIF_TRANSPOSE[k] for k in (5, 6, 7, 8)}
+
+
+@contextlib.contextmanager
+def _decoding():
+    """Maps what Pillow raises on bad data to one-line ImageErrors."""
     try:
         # Pillow reports oversized images and odd EXIF through the warnings machinery; our
         # size check is the one that decides, and rejects are reported by the pipeline.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, over the "
-                    f"{max_pixels}-pixel limit (possible decompression bomb); downscale it"
-                )
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when upright
-            return img
+            yield
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -142,28 +226,70 @@ def resize(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
         raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"image must be uint8 [H, W, 1|3], got {image.dtype} {image.shape}")
-    h, w, c = image.shape
-    if (h, w) == (height, width):
+    if image.shape[:2] == (height, width):
         return image
-    pil = Image.fromarray(image[..., 0] if c == 1 else image)
+    return _pixels(_resize_pil(Image.fromarray(_squeeze(image)), height, width, mode))
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    """A Pillow image in mode 'L' or 'RGB' -> uint8 [H, W, 1 or 3]."""
+    return np.asarray(img).reshape(img.height, img.width, 1 if img.mode == "L" else 3)
+
+
+def _squeeze(pixels: np.ndarray) -> np.ndarray:
+    return pixels[..., 0] if pixels.shape[2] == 1 else pixels
+
+
+def _convert(img: Image.Image, channels: int) -> Image.Image:
+    """`to_array(img, channels)` as a Pillow image ('L' or 'RGB'), without the array copy
+    for the modes photos come in; the other modes go through `to_array`'s rules."""
+    target = "L" if channels == 1 else "RGB"
+    if img.mode == target:
+        return img
+    if img.mode in ("L", "RGB", "CMYK", "YCbCr") and not img.has_transparency_data:
+        return img.convert(target)
+    return Image.fromarray(_squeeze(to_array(img, channels)))
+
+
+def _resize_pil(
+    img: Image.Image,
+    height: int,
+    width: int,
+    mode: str,
+    extent: tuple[float, float] | None = None,
+    turn: Image.Transpose | None = None,
+) -> Image.Image:
+    """`resize` on a Pillow image in mode 'L' or 'RGB', returning one.
+
+    `extent`: the picture's size in its pixels when it is not the pixel size (a
+    DCT-downscaled JPEG, see `_draft`). `turn`: a transpose undoing the EXIF orientation,
+    applied after resampling and before padding; the picture is resampled in its file's
+    orientation (where a draft's partial last pixels sit at the right and bottom edges)
+    and placed as displayed, so 'pad' centres it exactly as for an upright file.
+    """
+    w, h = extent or img.size
+    if extent is None and turn is None and (h, w) == (height, width):
+        return img
+    tw, th = (height, width) if turn in _TRANSPOSING else (width, height)  # as stored
     bilinear = Image.Resampling.BILINEAR
     if mode == "squash":
-        out = pil.resize((width, height), bilinear)
+        out = img.resize((tw, th), bilinear, box=(0, 0, w, h))
     elif mode == "crop":
-        # Crop box in source pixels (sub-pixel), resampled in one step; integer comparison
+        # Crop box in source pixels (sub-pixel), resampled in one step; exact comparison
         # so an image that already has the target aspect ratio gives exactly 'squash'.
-        box_w = h * width / height if w * height > h * width else w
-        box_h = w * height / width if w * height < h * width else h
+        box_w = h * tw / th if w * th > h * tw else w
+        box_h = w * th / tw if w * th < h * tw else h
         left, top = (w - box_w) / 2, (h - box_h) / 2
-        out = pil.resize((width, height), bilinear, box=(left, top, left + box_w, top + box_h))
+        out = img.resize((tw, th), bilinear, box=(left, top, left + box_w, top + box_h))
     else:
-        scale = min(height / h, width / w)
-        fit_h = min(height, max(1, round(h * scale)))
-        fit_w = min(width, max(1, round(w * scale)))
-        out = Image.new(pil.mode, (width, height))  # zeros
-        corner = ((width - fit_w) // 2, (height - fit_h) // 2)
-        out.paste(pil.resize((fit_w, fit_h), bilinear), corner)
-    return np.asarray(out).reshape(height, width, c)
+        scale = min(th / h, tw / w)
+        fit = (min(tw, max(1, round(w * scale))), min(th, max(1, round(h * scale))))
+        fitted = img.resize(fit, bilinear, box=(0, 0, w, h))
+        fitted = fitted if turn is None else fitted.transpose(turn)
+        out = Image.new(img.mode, (width, height))  # zeros
+        out.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+        return out
+    return out if turn is None else out.transpose(turn)
 
 
 def sample_patches(

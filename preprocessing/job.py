@@ -150,6 +150,13 @@ def make_parser() -> argparse.ArgumentParser:
         default=images.MAX_PIXELS,
         help=f"reject images with more pixels (decompression bombs) (default: {images.MAX_PIXELS})",
     )
+    p.add_argument(
+        "--exact-decode",
+        action="store_true",
+        help="with --resize, decode JPEGs at full size (default: when the target is at "
+        "least 2x smaller, the decoder downscales by 1/2, 1/4 or 1/8 first, never below "
+        "the target; much faster, measured >= 30 dB PSNR against the exact decode)",
+    )
     p.add_argument("--tfds-data-dir", help="TFDS data dir for tfds: sources")
     p.add_argument("--overwrite", action="store_true", help="delete what is in OUT before writing")
     p.add_argument("--verbose", action="store_true", help="show Beam's INFO logs")
@@ -230,10 +237,16 @@ class DecodeBatch(beam.DoFn):
                 data = _read_bytes(item.uri)
             except OSError as e:
                 raise images.ImageError(f"cannot read the file ({e}); check permissions") from None
-            pil = images.decode(data, max_pixels=o["max_pixels"])
+            if o["resize"] and not o["patches"]:
+                # Decoded and resized in one step: a JPEG larger than the target is
+                # decoded at reduced scale unless --exact-decode.
+                arr = images.decode_resized(
+                    data, c, h, w, o["aspect"], o["max_pixels"], o["exact_decode"]
+                )
+            else:
+                arr = images.to_array(images.decode(data, max_pixels=o["max_pixels"]), c)
         else:
-            pil = _to_pil(item.pixels)
-        arr = images.to_array(pil, c)
+            arr = images.to_array(_to_pil(item.pixels), c)
         label = None
         if item.label is not None:
             label = label_names.index(item.label)
@@ -544,6 +557,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "compression": args.compression,
         "max_error_fraction": args.max_error_fraction,
         "max_pixels": args.max_pixels,
+        "exact_decode": args.exact_decode,
     }
     _prepare_output(out, args.overwrite)
     options = PipelineOptions(default_beam_args(beam_args))

@@ -315,6 +315,79 @@ def test_resize_rejects_unknown_modes():
         images.resize(np.zeros((H, W, 3), np.uint8), 4, 4, "stretch")
 
 
+# --- decode_resized: the job's decode + resize path ------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", images.RESIZE_MODES)
+def test_exact_decode_resized_equals_decode_then_resize(case, mode):
+    fmt, options, source, _ = CASES[case]
+    data = encode(source()[0], fmt, **options)
+    for channels in (1, 3):
+        for height, width in ((H, W), (4, 5), (9, 3)):
+            decoded = images.to_array(images.decode(data), channels)
+            want = images.resize(decoded, height, width, mode)
+            got = images.decode_resized(data, channels, height, width, mode, exact=True)
+            np.testing.assert_array_equal(got, want)
+
+
+def photo(height: int, width: int) -> np.ndarray:
+    """A real photograph (scikit-image's astronaut, 512x512 RGB), resampled to height x width."""
+    import skimage.data
+
+    return np.asarray(
+        Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.Resampling.LANCZOS)
+    )
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("mode", images.RESIZE_MODES)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_dct_downscaled_jpeg_is_close_to_the_exact_decode(orientation, mode, channels, progressive):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(
+        Image.fromarray(photo(600, 420)), "JPEG", quality=90, exif=exif, progressive=progressive
+    )
+    exact = images.decode_resized(data, channels, 40, 56, mode, exact=True)
+    fast = images.decode_resized(data, channels, 40, 56, mode)
+    assert fast.shape == exact.shape == (40, 56, channels)
+    assert not np.array_equal(fast, exact)  # the decoder did scale down
+    # A wrong crop box or a missed EXIF transpose moves the picture: far below 30 dB.
+    assert psnr(fast, exact) >= 30
+
+
+def test_cmyk_jpeg_is_downscaled_too():
+    cmyk_photo = Image.fromarray(photo(480, 640)).convert("CMYK")
+    data = encode(cmyk_photo, "JPEG", quality=90)
+    exact = images.decode_resized(data, 3, 32, 32, "crop", exact=True)
+    fast = images.decode_resized(data, 3, 32, 32, "crop")
+    assert not np.array_equal(fast, exact) and psnr(fast, exact) >= 30
+
+
+def test_a_jpeg_less_than_twice_the_target_is_decoded_at_full_size():
+    # Never below the target: 1/2 scale would give 60x45 < 64x48, so nothing changes.
+    data = encode(Image.fromarray(photo(90, 120)), "JPEG", quality=90)
+    for mode in images.RESIZE_MODES:
+        np.testing.assert_array_equal(
+            images.decode_resized(data, 3, 48, 64, mode),
+            images.decode_resized(data, 3, 48, 64, mode, exact=True),
+        )
+
+
+def test_decode_resized_rejects_bad_data_in_one_line():
+    with pytest.raises(images.ImageError, match="truncated or corrupt"):
+        images.decode_resized(encode(Image.fromarray(RGB), "JPEG")[:-60], 3, 4, 4, "crop")
+    with pytest.raises(images.ImageError, match="pixel limit"):
+        images.decode_resized(encode(Image.fromarray(RGB), "JPEG"), 3, 4, 4, "crop", max_pixels=10)
+
+
 # --- patches --------------------------------------------------------------------------------
 
 

@@ -412,3 +412,25 @@ def test_spread_inputs_stream_into_the_decode_alone(tmp_path):
 
     p.visit(Consumers())
     assert consumers["ReadSource/Unpack"] == ["Decode/ParDo(DecodeBatch)"]
+
+
+def test_dct_downscaled_decode_is_the_default_and_exact_decode_turns_it_off(tmp_path):
+    import skimage.data
+    from PIL import Image
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo = Image.fromarray(skimage.data.astronaut())  # 512x512 RGB
+    for i, size in enumerate([(512, 384), (400, 300), (480, 480)]):
+        photo.resize(size).save(src / f"{i}.jpg", quality=90)
+    runs = {}
+    for name, extra in (("fast", []), ("exact", ["--exact-decode"])):
+        out = str(tmp_path / name)
+        args = ["--input", str(src), "--output", out, "--resize", "32x32", "--eval-fraction", "0"]
+        m = job.run([*args, *extra, *FAST])
+        assert m["options"]["exact_decode"] == (name == "exact") and m["num_inputs_accepted"] == 3
+        runs[name] = {r.key: r.image.astype(float) for r in read_split(out, "train")}
+    assert runs["fast"].keys() == runs["exact"].keys()
+    for key, exact in runs["exact"].items():
+        mse = np.mean((runs["fast"][key] - exact) ** 2)
+        assert mse > 0 and 10 * np.log10(255**2 / mse) >= 30, key
