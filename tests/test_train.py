@@ -162,7 +162,7 @@ def _sigmoid(z):
 
 
 def numpy_eval_cost(images, w1, b1, w2, b2, cfg) -> tuple[float, float]:
-    """UFLDL cost (DESIGN.md section 2) in float64 NumPy, written from the notes.
+    """UFLDL cost (the README's `sae train` section) in float64 NumPy, from the CS294A notes.
 
     Like `evaluate`, over batches of cfg.global_batch_size in order, rho_hat per batch, and
     the batch costs averaged weighted by batch size. images: uint8 [N, H, W, C]; w1 [n, s].
