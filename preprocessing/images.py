@@ -66,7 +66,7 @@ def decode_resized(
 
     A JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8 scale in the DCT
     domain (Pillow's `draft`), never below what the resize needs, then resampled the same
-    way; the mean error this adds was measured (benchmarks/preprocess_bench.py, PSNR).
+    way (tests/test_images.py holds it to >= 30 dB PSNR against the exact decode).
     `exact=True`, or any other format, decodes at full size: then the result equals
     `resize(to_array(decode(data), channels), height, width, mode)` bit for bit. The work
     stays in Pillow (no array copies of the full-size image), which is most of the speed.
@@ -116,11 +116,8 @@ def _draft(
     resize box must use this, not the pixel size.
     """
     w, h = img.size
-    if mode == "pad":
-        scale = min(height / h, width / w)
-        need = (max(1, round(w * scale)), max(1, round(h * scale)))
-    else:  # squash and crop: the (centre-cropped) picture must cover the whole target
-        need = (width, height)
+    # squash and crop: the (centre-cropped) picture must cover the whole target.
+    need = _fit(w, h, height, width) if mode == "pad" else (width, height)
     # Grey output decodes only the luma plane: the ITU-R 601 weights of convert('L').
     res = img.draft("L" if channels == 1 else "RGB", need)
     return None if res is None else (res[1][2], res[1][3])
@@ -282,14 +279,18 @@ def _resize_pil(
         left, top = (w - box_w) / 2, (h - box_h) / 2
         out = img.resize((tw, th), bilinear, box=(left, top, left + box_w, top + box_h))
     else:
-        scale = min(th / h, tw / w)
-        fit = (min(tw, max(1, round(w * scale))), min(th, max(1, round(h * scale))))
-        fitted = img.resize(fit, bilinear, box=(0, 0, w, h))
+        fitted = img.resize(_fit(w, h, th, tw), bilinear, box=(0, 0, w, h))
         fitted = fitted if turn is None else fitted.transpose(turn)
         out = Image.new(img.mode, (width, height))  # zeros
         out.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
         return out
     return out if turn is None else out.transpose(turn)
+
+
+def _fit(w: float, h: float, height: int, width: int) -> tuple[int, int]:
+    """(width, height) of a w x h picture scaled to fit inside height x width ('pad')."""
+    scale = min(height / h, width / w)
+    return min(width, max(1, round(w * scale))), min(height, max(1, round(h * scale)))
 
 
 def sample_patches(
