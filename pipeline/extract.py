@@ -34,13 +34,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import feature_records as fr
 from pipeline import models
-from preprocessing import exiting, images, records, sharding, sources, wire
+from preprocessing import decode, exiting, progress, records, sharding, sources, wire
 from preprocessing import job as preprocess_job
 from preprocessing import manifest as manifest_lib
-from preprocessing.errors import ArgumentParser, UserError
-from preprocessing.manifest import MANIFEST_NAME, join
+from preprocessing.decode import Example
+from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
+from preprocessing.manifest import ERRORS_FILE, MANIFEST_NAME, join
 
-ERRORS_FILE = "errors/errors-00000-of-00001.jsonl"
 STAGING_PREFIX = ".staging-"
 FORMATS = ("tfrecord", "parquet")
 
@@ -89,7 +89,7 @@ def sparsify(acts: np.ndarray, kind: str, value: float) -> list[tuple[np.ndarray
 # Beam pieces.
 # ----------------------------------------------------------------------------
 def parse_input_record(element, shape, split_of_file: dict):
-    """(shard path, serialized Example) -> (key, pixels, label, split), or an error entry."""
+    """(shard path, serialized tf.train.Example) -> Example, or an error entry."""
     path, serialized = element
     try:
         r = records.decode(serialized)
@@ -98,26 +98,28 @@ def parse_input_record(element, shape, split_of_file: dict):
         yield beam.pvalue.TaggedOutput("errors", {"uri": path, "reason": reason})
         return
     if r.image.shape != tuple(shape):
-        reason = (
-            f"image is {'x'.join(map(str, r.image.shape))} but the model takes "
-            f"{'x'.join(map(str, shape))}; use a model trained on this dataset"
+        reason = decode.shape_mismatch(
+            r.image.shape,
+            f"the model takes {'x'.join(map(str, shape))}",
+            "use a model trained on this dataset",
         )
         yield beam.pvalue.TaggedOutput("errors", {"uri": r.key, "reason": reason})
         return
-    yield r.key, r.image, r.label, split_of_file[path]
+    yield Example(split_of_file[path], r.key, r.label, r.image)
 
 
-def _from_decoded(batch: list) -> list[tuple]:
-    """Decoded raw images -> encode inputs; raw images have no split."""
-    return [(key, pixels, records.decode(ser).label, "") for _, key, ser, pixels in batch]
+def _without_split(batch: list[Example]) -> list[Example]:
+    """Raw images belong to no split (their features record split "")."""
+    return [ex._replace(split="") for ex in batch]
 
 
 class Encode(beam.DoFn):
-    """A batch of (key, pixels, label, split) -> one list of ("features", key, serialized
-    feature record), plus partial statistics to 'stats'."""
+    """A batch of Examples -> one list of ("features", key, serialized feature record),
+    plus partial statistics to 'stats'."""
 
-    def __init__(self, export_dir: str, kind: str, value: float):
+    def __init__(self, export_dir: str, kind: str, value: float, reporter: progress.Reporter):
         self.export_dir, self.kind, self.value = export_dir, kind, value
+        self.reporter = reporter
 
     def setup(self):
         import tensorflow as tf
@@ -127,16 +129,16 @@ class Encode(beam.DoFn):
         exiting.skip_teardown_at_worker_exit()
 
     def process(self, batch):
-        images = np.stack([b[1] for b in batch])
+        images = np.stack([ex.pixels for ex in batch])
         acts = self._encode(images=self._tf.constant(images))["activations"].numpy()
         rows = sparsify(acts, self.kind, self.value)
         yield [
             (
                 "features",
-                key,
-                fr.encode(fr.FeatureRecord(key, idx, vals, acts.shape[1], split, label)),
+                ex.key,
+                fr.encode(fr.FeatureRecord(ex.key, idx, vals, acts.shape[1], ex.split, ex.label)),
             )
-            for (key, _, label, split), (idx, vals) in zip(batch, rows, strict=True)
+            for ex, (idx, vals) in zip(batch, rows, strict=True)
         ]
         nnz = np.array([len(idx) for idx, _ in rows])
         kept = np.zeros_like(acts, dtype=np.int64)
@@ -149,6 +151,7 @@ class Encode(beam.DoFn):
             acts.astype(np.float64).sum(0),
         )
         yield beam.pvalue.TaggedOutput("stats", stats)
+        self.reporter.add(len(batch))
 
 
 class SumStats(beam.CombineFn):
@@ -324,6 +327,12 @@ def make_parser() -> ArgumentParser:
         help="replace an existing feature set (swapped in only when complete)",
     )
     p.add_argument("--verbose", action="store_true", help="show Beam's INFO logs")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines (default: every 10 s on local runners: rows done / total, "
+        "rows/s, ETA)",
+    )
     return p
 
 
@@ -369,15 +378,22 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "source": args.data,
     }
     options = PipelineOptions(preprocess_job.default_beam_args(beam_args))
-    print(f"extract: {args.data} -> {out} with {export_dir} ({header['sparsify']})", flush=True)
-    with beam.Pipeline(options=options) as p:
+    print(
+        f"extract: {args.data} -> {out} with {export_dir} ({header['sparsify']}, "
+        f"runner {progress.describe_runner(options)})",
+        flush=True,
+    )
+    with progress.running(options, "extract", "rows", args.quiet) as (p, reporter):
         if is_dataset:
             data = manifest_lib.load(args.data)
             if data.image_shape != shape:
                 raise UserError(
-                    f"dataset {args.data} holds {'x'.join(map(str, data.image_shape))} images "
-                    f"but the model at {export_dir} takes {'x'.join(map(str, shape))}; use a "
-                    "model trained on this dataset, or raw images (they are resized)"
+                    f"dataset {args.data}: "
+                    + decode.shape_mismatch(
+                        data.image_shape,
+                        f"the model at {export_dir} takes {'x'.join(map(str, shape))}",
+                        "use a model trained on this dataset, or raw images (they are resized)",
+                    )
                 )
             splits = [s.strip() for s in args.split.split(",") if s.strip()]
             split_of = {path: s for s in splits for path in data.shard_paths(s)}
@@ -406,26 +422,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
             )
         else:
             source = sources.parse(args.data)
-            opts = {
-                "resize": list(shape[:2]),
-                "aspect": args.aspect,
-                "patches": None,
-                "seed": 0,
-                "eval_fraction": 0.0,
-                "max_pixels": images.MAX_PIXELS,
-                "exact_decode": False,
-            }
-            decoded = preprocess_job.read_and_decode(
-                p, source, shape, opts, sources.label_names(source)
+            decoding = decode.DecodeOptions(shape, resize=True, aspect=args.aspect)
+            decoded = p | "ReadAndDecode" >> decode.ReadAndDecode(
+                source, decoding, sources.label_names(source)
             )
             # Decoded batches (<= 256 images) are the encode batches.
-            batches = decoded.examples | "FromDecoded" >> beam.Map(_from_decoded)
+            batches = decoded.examples | "NoSplit" >> beam.Map(_without_split)
             errors = decoded.errors
             count = expected = decoded.num_inputs
             header["label_names"] = None  # filled below from the decoded labels
-        encoded = batches | "Encode" >> beam.ParDo(Encode(export_dir, kind, value)).with_outputs(
-            "stats", main="features"
-        )
+        _ = expected | "ReportTotal" >> beam.Map(reporter.set_total)
+        encoded = batches | "Encode" >> beam.ParDo(
+            Encode(export_dir, kind, value, reporter)
+        ).with_outputs("stats", main="features")
         # Sized for the dense worst case (every unit kept): ~6 bytes per unit plus the key.
         row_bytes = 6 * header["dim"] + 100
         num_shards = expected | "NumShards" >> beam.Map(
@@ -469,7 +478,7 @@ def _report(out: str, staging: str) -> dict:
         raise UserError(
             f"too many inputs could not be encoded (over --max-error-fraction); reasons in "
             f"{errors}; no manifest was written",
-            exit_code=preprocess_job.EXIT_TOO_MANY_ERRORS,
+            exit_code=EXIT_TOO_MANY_ERRORS,
         )
     with FileSystems.open(path) as f:
         m = json.load(f)

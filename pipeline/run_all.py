@@ -8,7 +8,9 @@ WORKDIR/ data/ (sae preprocess), train/ (sae train), features/ (sae extract, pro
          report.html
 Rerunning with the same --workdir skips finished stages (a stage is finished when its
 manifest or metrics exist) and resumes an interrupted training from its checkpoint.
-Flags this command does not know go to `sae preprocess` (e.g. --resize, Beam options).
+Flags this command does not know go to `sae preprocess` (e.g. --resize); the Beam options
+among them (--runner, --direct_num_workers, ...) and --quiet / --verbose go to `sae extract`
+too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def make_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="sae run",
         description="The whole pipeline in one command: preprocess, train, extract, probe, "
-        "report. Unknown flags go to `sae preprocess`.",
+        "report. Unknown flags go to `sae preprocess`; Beam options among them also to "
+        "`sae extract`.",
     )
     p.add_argument(
         "--input",
@@ -62,6 +65,17 @@ def _leftovers(path: str) -> list[str]:
     return ["--overwrite"] if tf.io.gfile.exists(path) and tf.io.gfile.listdir(path) else []
 
 
+def _beam_args(passthrough: list[str]) -> list[str]:
+    """Of the flags meant for `sae preprocess`, the Beam options (the ones it does not
+    know) and --quiet / --verbose: what every Beam stage gets."""
+    from preprocessing import job as preprocess_job
+
+    known, beam_args = preprocess_job.make_parser().parse_known_args(
+        ["--input", "-", "--output", "-", *passthrough]
+    )
+    return beam_args + ["--quiet"] * known.quiet + ["--verbose"] * known.verbose
+
+
 def run(argv: Sequence[str] | None = None) -> dict:
     """Runs every unfinished stage; returns the summary written into the report."""
     args, passthrough = make_parser().parse_known_args(argv)
@@ -81,6 +95,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         print(f"run: {name}: " + (f"done already ({where})" if done else f"-> {where}"), flush=True)
         return not done
 
+    beam_args = _beam_args(passthrough)
     if stage("preprocess", _exists(join(data, MANIFEST_NAME)), data):
         preprocess_job.run(
             ["--input", args.input, "--output", data, *_leftovers(data), *passthrough]
@@ -99,6 +114,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 "--sparsify",
                 args.sparsify,
                 *_leftovers(feats),
+                *beam_args,
             ]
         )
     dataset = _read_json(join(data, MANIFEST_NAME))

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 
+# Exit codes of every job (documented in each command's --help epilog and the README).
+EXIT_BAD_INPUT = 2
+EXIT_TOO_MANY_ERRORS = 3  # the error report was written; no manifest
+
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, no traceback."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
     def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(message)

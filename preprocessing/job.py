@@ -16,29 +16,26 @@ final step checks inputs == accepted + rejected before it writes the manifest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import exiting, images, records, sharding, sources, wire
-from preprocessing.errors import ArgumentParser, UserError
-from preprocessing.manifest import KIND, MANIFEST_NAME, join
+from preprocessing import decode, images, progress, records, sharding, sources, wire
+from preprocessing.decode import SPLITS
+from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
+from preprocessing.manifest import ERRORS_FILE, KIND, MANIFEST_NAME, join
 
-SPLITS = ("train", "eval")
 FAILED_NAME = "_FAILED.json"
-ERRORS_FILE = "errors/errors-00000-of-00001.jsonl"
-EXIT_TOO_MANY_ERRORS = 3
 
 
 # ----------------------------------------------------------------------------
@@ -160,161 +157,47 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tfds-data-dir", help="TFDS data dir for tfds: sources")
     p.add_argument("--overwrite", action="store_true", help="delete what is in OUT before writing")
     p.add_argument("--verbose", action="store_true", help="show Beam's INFO logs")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines (default: every 10 s on local runners: images done / "
+        "total, images/s, ETA)",
+    )
     return p
 
 
 # ----------------------------------------------------------------------------
-# Per-input work: decode, convert, resize or cut patches, encode.
+# Output: shards, the error report, the manifest.
 # ----------------------------------------------------------------------------
-def split_of(key: str, eval_fraction: float) -> str:
-    """'eval' or 'train' from a stable hash of the key (same on every run and runner)."""
-    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
-    return "eval" if h / 2.0**64 < eval_fraction else "train"
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the examples are written (the decode options say what they are)."""
+
+    num_shards: int | None = None
+    target_shard_mb: float = 100.0
+    compression: str = "none"  # "none" | "gzip"
+    max_error_fraction: float = 0.1
 
 
-def _to_pil(pixels: np.ndarray):
-    from PIL import Image
-
-    arr = np.asarray(pixels)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    return Image.fromarray(arr)
+def serialize(batch: list[decode.Example]) -> list[tuple[str, str, bytes]]:
+    """Examples -> (split, key, serialized tf.train.Example), what WriteShards takes."""
+    return [(ex.split, ex.key, records.encode(ex.key, ex.pixels, ex.label)) for ex in batch]
 
 
-def _read_bytes(uri: str) -> bytes:
-    """The file's bytes; local paths are read directly (Beam's FileSystems looks up the
-    filesystem plugin on every call, which costs as much as reading a small file)."""
-    if "://" not in uri:
-        with open(uri, "rb") as f:
-            return f.read()
-    with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read()
-
-
-class DecodeBatch(beam.DoFn):
-    """list[Item] -> list[(split, key, serialized Example, pixels)]; rejects -> 'errors'.
-
-    Also emits, per batch, the number of inputs that produced examples ('accepted', so
-    the final step can check that every input was accounted for) and the train pixels'
-    partial sums ('stats').
-    """
-
-    def __init__(self, shape: tuple[int, int, int], opts: dict):
-        self.shape = shape
-        self.opts = opts
-
-    def setup(self):
-        exiting.skip_teardown_at_worker_exit()
-
-    def process(self, batch: list[sources.Item], label_names: list[str]):
-        examples, accepted = [], 0
-        for item in batch:
-            try:
-                produced = list(self._examples(item, label_names))
-            except images.ImageError as e:
-                yield beam.pvalue.TaggedOutput("errors", {"uri": item.uri, "reason": str(e)})
-                continue
-            except Exception as e:  # noqa: BLE001 - one odd file must not kill the job
-                reason = f"internal error ({type(e).__name__}: {e}); please report this file"
-                yield beam.pvalue.TaggedOutput("errors", {"uri": item.uri, "reason": reason})
-                continue
-            accepted += 1
-            examples += produced
-        yield beam.pvalue.TaggedOutput("accepted", accepted)
-        train = [ex[3] for ex in examples if ex[0] == "train"]
-        if train:  # one partial sum per batch
-            yield beam.pvalue.TaggedOutput("stats", PixelStats.sums(np.stack(train)))
-        if examples:
-            yield examples
-
-    def _examples(self, item: sources.Item, label_names: list[str]):
-        o = self.opts
-        h, w, c = self.shape
-        if item.pixels is None:
-            try:
-                data = _read_bytes(item.uri)
-            except OSError as e:
-                raise images.ImageError(f"cannot read the file ({e}); check permissions") from None
-            if o["resize"] and not o["patches"]:
-                # Decoded and resized in one step: a JPEG larger than the target is
-                # decoded at reduced scale unless --exact-decode.
-                arr = images.decode_resized(
-                    data, c, h, w, o["aspect"], o["max_pixels"], o["exact_decode"]
-                )
-            else:
-                arr = images.to_array(images.decode(data, max_pixels=o["max_pixels"]), c)
-        else:
-            arr = images.to_array(_to_pil(item.pixels), c)
-        label = None
-        if item.label is not None:
-            label = label_names.index(item.label)
-        split = split_of(item.rel, o["eval_fraction"])
-        if o["patches"]:
-            rng = images.patch_rng(item.rel, o["seed"])
-            for i, patch in enumerate(images.sample_patches(arr, o["patches"], h, rng)):
-                key = f"{item.key}#patch={i}"
-                yield split, key, records.encode(key, patch, label), patch
-            return
-        if o["resize"]:
-            arr = images.resize(arr, h, w, o["aspect"])
-        elif arr.shape[:2] != (h, w):
-            raise images.ImageError(
-                f"image is {arr.shape[0]}x{arr.shape[1]} but the dataset is {h}x{w} "
-                "(the first image's size); pass --resize HxW to resize all images"
-            )
-        yield split, item.key, records.encode(item.key, arr, label), arr
-
-
-class PixelStats(beam.CombineFn):
-    """Per-channel mean and std of pixel values (0..255) in float64.
-
-    Inputs and accumulators are partial sums (sum [C], sum of squares [C], pixel count),
-    one per batch (see `sums`), or None.
-    """
-
-    @staticmethod
-    def sums(pixels: np.ndarray) -> tuple:
-        """uint8 [..., C] -> (sum [C], sum of squares [C], pixel count), exact in float64."""
-        p = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64)
-        return p.sum(0), (p * p).sum(0), p.shape[0]
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, partial):
-        return self.merge_accumulators([acc, partial])
-
-    def merge_accumulators(self, accs):
-        accs = [a for a in accs if a is not None]
-        if not accs:
-            return None
-        return (sum(a[0] for a in accs), sum(a[1] for a in accs), sum(a[2] for a in accs))
-
-    def extract_output(self, acc):
-        if acc is None:
-            return {"mean": [], "std": []}
-        mean = acc[0] / acc[2]
-        std = np.sqrt(np.maximum(acc[1] / acc[2] - mean * mean, 0.0))
-        return {
-            "mean": [round(float(v), 4) for v in mean],
-            "std": [round(float(v), 4) for v in std],
-        }
-
-
-def shard_counts(num_inputs: int, shape, opts: dict) -> dict[str, int]:
+def shard_counts(
+    num_inputs: int, decoding: decode.DecodeOptions, output: OutputOptions
+) -> dict[str, int]:
     """Shards per split from the expected example count and size (every example has the
     same shape, so its size is known before decoding)."""
-    examples = num_inputs * (opts["patches"] or 1)
-    nbytes = int(np.prod(shape)) + 200  # pixels + key and framing, roughly
-    share = {"train": 1.0 - opts["eval_fraction"], "eval": opts["eval_fraction"]}
+    examples = num_inputs * (decoding.patches or 1)
+    nbytes = int(np.prod(decoding.shape)) + 200  # pixels + key and framing, roughly
+    share = {"train": 1.0 - decoding.eval_fraction, "eval": decoding.eval_fraction}
     return {
         split: sharding.num_shards_for(
             round(examples * f),
             round(examples * f) * nbytes,
-            opts["target_shard_mb"],
-            opts["num_shards"],
+            output.target_shard_mb,
+            output.num_shards,
         )
         for split, f in share.items()
     }
@@ -348,8 +231,10 @@ class Finalize(beam.DoFn):
     many inputs were rejected).
     """
 
-    def __init__(self, out: str, shape, opts: dict, source: str):
-        self.out, self.shape, self.opts, self.source = out, shape, opts, source
+    def __init__(
+        self, out: str, decoding: decode.DecodeOptions, output: OutputOptions, source: str
+    ):
+        self.out, self.decoding, self.output, self.source = out, decoding, output, source
 
     def process(self, _, shards, counts, stats, label_names, num_inputs, num_accepted, num_errors):
         splits = {}
@@ -372,10 +257,9 @@ class Finalize(beam.DoFn):
             "error_files": [ERRORS_FILE],
         }
         fraction = num_errors / num_inputs if num_inputs else 1.0
-        if fraction > self.opts["max_error_fraction"] or num_accepted == 0:
-            failed = dict(
-                summary, error_fraction=fraction, max_error_fraction=self.opts["max_error_fraction"]
-            )
+        limit = self.output.max_error_fraction
+        if fraction > limit or num_accepted == 0:
+            failed = dict(summary, error_fraction=fraction, max_error_fraction=limit)
             sharding.write_atomically(
                 join(self.out, FAILED_NAME), [json.dumps(failed, indent=2).encode()]
             )
@@ -383,15 +267,15 @@ class Finalize(beam.DoFn):
         manifest = {
             "format_version": records.FORMAT_VERSION,
             "kind": KIND,
-            "image_shape": list(self.shape),
-            "compression": "GZIP" if self.opts["compression"] == "gzip" else None,
+            "image_shape": list(self.decoding.shape),
+            "compression": "GZIP" if self.output.compression == "gzip" else None,
             "splits": splits,
             **summary,
             "label_names": label_names,
             "pixel_mean": stats["mean"],
             "pixel_std": stats["std"],
             "source": self.source,
-            "options": self.opts,
+            "options": {**self.decoding.describe(), **dataclasses.asdict(self.output)},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "package_version": package_version(),
         }
@@ -404,58 +288,27 @@ class Finalize(beam.DoFn):
 # ----------------------------------------------------------------------------
 # The pipeline.
 # ----------------------------------------------------------------------------
-def _sorted_labels(labels: list[str]) -> list[str]:
-    """Numeric labels sort as numbers ("2" before "10"), others alphabetically."""
-    if all(lab.lstrip("-").isdigit() for lab in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
-
-
-class Decoded(NamedTuple):
-    num_inputs: beam.PCollection  # singleton: the number of inputs
-    labels: beam.PCollection  # singleton: the label names, in index order
-    examples: beam.PCollection  # batches: list[(split, key, serialized Example, pixels)]
-    errors: beam.PCollection  # {"uri", "reason"} per rejected input
-    accepted: beam.PCollection  # per batch, the number of inputs that produced examples
-    stats: beam.PCollection  # per batch, PixelStats partial sums of the train pixels
-
-
-def read_and_decode(
-    p: beam.Pipeline, source: sources.Source, shape, opts: dict, declared_labels: list[str] | None
-) -> Decoded:
-    """The decode path every image source goes through (also used by `sae extract`)."""
-    listing = p | "ReadSource" >> sources.ReadSource(source, derive_labels=declared_labels is None)
-    if declared_labels is not None:
-        labels = p | "DeclaredLabels" >> beam.Create([declared_labels])
-    else:
-        labels = listing.labels | "SortLabels" >> beam.Map(_sorted_labels)
-    decoded = listing.batches | "Decode" >> beam.ParDo(
-        DecodeBatch(shape, opts), beam.pvalue.AsSingleton(labels)
-    ).with_outputs("errors", "accepted", "stats", main="examples")
-    return Decoded(
-        listing.count, labels, decoded.examples, decoded.errors, decoded.accepted, decoded.stats
-    )
-
-
 def build(
     p: beam.Pipeline,
     source: sources.Source,
     out: str,
-    shape,
-    opts: dict,
+    decoding: decode.DecodeOptions,
+    output: OutputOptions,
     declared_labels: list[str] | None,
     src_text: str,
+    reporter: progress.Reporter | None = None,
 ) -> None:
-    decoded = read_and_decode(p, source, shape, opts, declared_labels)
-    labels_si = beam.pvalue.AsSingleton(decoded.labels)
-    stats = decoded.stats | "PixelStats" >> beam.CombineGlobally(PixelStats())
+    decoded = p | "ReadAndDecode" >> decode.ReadAndDecode(
+        source, decoding, declared_labels, reporter
+    )
+    stats = decoded.stats | "PixelStats" >> beam.CombineGlobally(decode.PixelStats())
     num_inputs = decoded.num_inputs
     # Decided from the input count, before decoding, so shards are written as examples come.
-    num_shards = num_inputs | "NumShards" >> beam.Map(shard_counts, shape, opts)
-    writer = functools.partial(write_tfrecord_shard, compression=opts["compression"])
+    num_shards = num_inputs | "NumShards" >> beam.Map(shard_counts, decoding, output)
+    writer = functools.partial(write_tfrecord_shard, compression=output.compression)
     sharded = (
         decoded.examples
-        | "DropPixels" >> beam.Map(lambda batch: [e[:3] for e in batch])
+        | "Serialize" >> beam.Map(serialize)
         | "WriteShards" >> sharding.WriteShards(out, writer, num_shards)
     )
     num_errors = decoded.errors | "WriteErrors" >> sharding.WriteErrors(join(out, ERRORS_FILE))
@@ -466,34 +319,16 @@ def build(
         | "Once" >> beam.Create([None])
         | "Finalize"
         >> beam.ParDo(
-            Finalize(out, shape, opts, src_text),
+            Finalize(out, decoding, output, src_text),
             beam.pvalue.AsList(sharded.shards),
             si(sharded.counts),
             si(stats),
-            labels_si,
+            si(decoded.labels),
             si(num_inputs),
             si(num_accepted),
             si(num_errors),
         )
     )
-
-
-def _infer_shape(source: sources.Source, args) -> tuple[int, int, int]:
-    """(H, W, C) of the output examples, from the flags or the first input."""
-    if args.patches:
-        if args.channels:
-            return args.patch_size, args.patch_size, args.channels
-    elif args.resize and args.channels:
-        return (*args.resize, args.channels)
-    uri, sample = sources.first_image(source)
-    pil = _to_pil(sample) if isinstance(sample, np.ndarray) else images.decode(sample)
-    channels = args.channels or images.default_channels(pil)
-    if args.patches:
-        return args.patch_size, args.patch_size, channels
-    if args.resize:
-        return (*args.resize, channels)
-    logging.info("image size %dx%d taken from %s", pil.height, pil.width, uri)
-    return pil.height, pil.width, channels
 
 
 def _prepare_output(out: str, overwrite: bool) -> None:
@@ -543,32 +378,33 @@ def run(argv: Sequence[str] | None = None) -> dict:
     out = args.output.rstrip("/")
     source = sources.parse(args.input, args.tfds_data_dir)
     declared = sources.label_names(source)
-    shape = _infer_shape(source, args)
-    opts = {
-        "resize": list(args.resize) if args.resize else None,
-        "aspect": args.aspect,
-        "channels": shape[2],
-        "patches": args.patches,
-        "patch_size": args.patch_size if args.patches else None,
-        "seed": args.seed,
-        "eval_fraction": args.eval_fraction,
-        "num_shards": args.num_shards,
-        "target_shard_mb": args.target_shard_mb,
-        "compression": args.compression,
-        "max_error_fraction": args.max_error_fraction,
-        "max_pixels": args.max_pixels,
-        "exact_decode": args.exact_decode,
-    }
+    size = (args.patch_size, args.patch_size) if args.patches else args.resize
+    decoding = decode.DecodeOptions(
+        shape=decode.infer_shape(source, size, args.channels),
+        resize=bool(args.resize) and not args.patches,
+        aspect=args.aspect,
+        patches=args.patches,
+        seed=args.seed,
+        eval_fraction=args.eval_fraction,
+        max_pixels=args.max_pixels,
+        exact_decode=args.exact_decode,
+    )
+    output = OutputOptions(
+        num_shards=args.num_shards,
+        target_shard_mb=args.target_shard_mb,
+        compression=args.compression,
+        max_error_fraction=args.max_error_fraction,
+    )
+    shape = decoding.shape
     _prepare_output(out, args.overwrite)
     options = PipelineOptions(default_beam_args(beam_args))
-    runner = options.get_all_options().get("runner")
     print(
         f"preprocess: {args.input} -> {out}  (image {shape[0]}x{shape[1]}x{shape[2]}, "
-        f"runner {runner})",
+        f"runner {progress.describe_runner(options)})",
         flush=True,
     )
-    with beam.Pipeline(options=options) as p:
-        build(p, source, out, shape, opts, declared, args.input)
+    with progress.running(options, "preprocess", "images", args.quiet) as (p, reporter):
+        build(p, source, out, decoding, output, declared, args.input, reporter)
     return _report(out)
 
 

@@ -25,6 +25,8 @@ from preprocessing.errors import UserError
 from preprocessing.records import FORMAT_VERSION
 
 MANIFEST_NAME = "manifest.json"
+# Every job's error report, one JSON object per rejected input (empty when none).
+ERRORS_FILE = "errors/errors-00000-of-00001.jsonl"
 KIND = "sae-pipeline/records"
 
 

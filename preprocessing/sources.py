@@ -38,15 +38,15 @@ _GLOB_CHARS = set("*?[")
 class Item:
     """One input: a file to read (pixels is None) or an in-memory image.
 
-    `rel` names the input independently of where the collection lives (the path under
-    the input root, the list entry as written, the builtin/TFDS id); the train/eval
-    split and the patch positions hash it, so a moved or copied collection splits and
-    samples the same way.
+    `key` names the input independently of where the collection lives: the path under
+    the input root, the list entry as written, the builtin or TFDS id. The train/eval
+    split, the patch positions, the shard and the order within it all come from the
+    key, so a moved or copied collection gives the same dataset; records and features
+    carry it for joins. `uri` is where the bytes are read (and what error entries name).
     """
 
     key: str
     uri: str
-    rel: str
     label: str | None = None
     pixels: np.ndarray | None = None
 
@@ -77,6 +77,10 @@ def parse(src: str, tfds_data_dir: str | None = None) -> Source:
         if not FileSystems.exists(src):
             raise UserError(f"list file {src} does not exist; check the --input path")
         return Source("list", src)
+    if "://" not in src:
+        # Absolute, so keys (paths under the root) come out the same whichever way the
+        # files are listed.
+        src = os.path.abspath(src)
     if _GLOB_CHARS & set(src):
         root = src[: min(src.index(c) for c in _GLOB_CHARS if c in src)].rsplit("/", 1)[0]
         pattern = src
@@ -96,9 +100,9 @@ def _relative(root: str, path: str) -> str:
 
 
 def _file_item(root: str, path: str) -> Item:
-    rel = _relative(root, path)
-    parts = rel.split("/")
-    return Item(key=path, uri=path, rel=rel, label=parts[0] if len(parts) > 1 else None)
+    key = _relative(root, path)
+    parts = key.split("/")
+    return Item(key=key, uri=path, label=parts[0] if len(parts) > 1 else None)
 
 
 def _file_batches(pattern: str, root: str):
@@ -121,7 +125,7 @@ def _parse_list_line(list_uri: str, line: str) -> list[Item]:
     if "://" not in uri and not uri.startswith("/"):
         uri = posixpath.join(posixpath.dirname(list_uri), uri)
     label = row[1].strip() if len(row) > 1 and row[1].strip() else None
-    return [Item(key=uri, uri=uri, rel=entry, label=label)]
+    return [Item(key=entry, uri=uri, label=label)]
 
 
 BATCH = {"min_batch_size": 16, "max_batch_size": 256}
@@ -175,7 +179,7 @@ class ReadSource(beam.PTransform):
         s = self.source
         if s.kind == "builtin":
             images, _ = builtin.load(s.spec)
-            items = [Item(im.key, im.key, im.key, im.label, im.pixels) for im in images]
+            items = [Item(im.key, im.key, im.label, im.pixels) for im in images]
             size = BATCH["max_batch_size"]
             return beam.Create([items[i : i + size] for i in range(0, len(items), size)])
         if s.kind == "files":
@@ -245,7 +249,7 @@ class _ReadTfds(beam.PTransform):
             ex = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in example.items()}
             key = prefix + ex["tfds_id"].decode()
             label = names[int(ex[label_name])] if label_name else None
-            return Item(key, key, key, label, np.asarray(ex[image_name]))
+            return Item(key, key, label, np.asarray(ex[image_name]))
 
         read_config = tfds.ReadConfig(add_tfds_id=True)
         return (

@@ -18,6 +18,12 @@ def image_bytes(arr: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def good_keys(expect: dict[str, str | None], root: Path) -> set[str]:
+    """The keys the jobs give the good images of `messy_collection(root)`: their paths
+    under the input root."""
+    return {Path(p).relative_to(root).as_posix() for p, bad in expect.items() if bad is None}
+
+
 def messy_collection(root: Path, rng: np.random.Generator) -> dict[str, str | None]:
     """Nested class folders, mixed formats/modes/sizes and bad files.
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 from pipeline import extract, feature_records, features
 from preprocessing import job, manifest, records, wire
 from preprocessing.errors import UserError
-from tests.collections import messy_collection
+from tests.collections import good_keys, messy_collection
 
 FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 
@@ -244,7 +244,7 @@ def test_raw_images_go_through_the_preprocessing_decode_path(model, tmp_path):
     assert m["num_inputs"] == len(expect)
     assert m["num_errors"] == sum(bad is not None for bad in expect.values())
     df = features.dataframe(str(out))
-    assert set(df["key"]) == {p for p, bad in expect.items() if bad is None}
+    assert set(df["key"]) == good_keys(expect, tmp_path / "src")
     assert m["label_names"] == ["cat", "dog"] and set(df["split"]) == {""}
 
 
@@ -283,4 +283,6 @@ def test_model_and_data_shape_mismatch_is_a_clear_error(model, tmp_path):
     job.run(["--input", "builtin:faces", "--output", data, *FAST])
     r = _cli("extract", "--data", data, "--model", model, "--output", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "holds 25x25x1 images but the model" in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert f"dataset {data}: image is 25x25x1 but the model at" in line
+    assert "takes 8x8x1" in line

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from preprocessing import job, manifest, records
+from preprocessing import decode, job, manifest, records
 from preprocessing.errors import UserError
-from tests.collections import image_bytes, messy_collection
+from tests.collections import good_keys, image_bytes, messy_collection
 
 # In-process DirectRunner keeps most tests fast; one test runs the multi-process mode.
 FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
@@ -104,7 +104,8 @@ def test_messy_collection_accounts_for_every_file_multiprocess(tmp_path):
     errors = error_entries(out)
     got_ok = {r.key for r in recs}
     got_bad = {e["uri"]: e["reason"] for e in errors}
-    assert got_ok == {p for p, bad in expect.items() if bad is None}
+    # Keys are paths under the input root; error entries name the file itself.
+    assert got_ok == good_keys(expect, tmp_path / "src")
     assert set(got_bad) == {p for p, bad in expect.items() if bad is not None}
     for path, reason in got_bad.items():
         assert expect[path] in reason.lower() and "\n" not in reason
@@ -112,7 +113,7 @@ def test_messy_collection_accounts_for_every_file_multiprocess(tmp_path):
     assert m["label_names"] == ["cat", "dog"]
     for r in recs:
         assert r.image.shape == (16, 16, 3)
-        folder = Path(r.key).relative_to(tmp_path / "src").parts[0]
+        folder = Path(r.key).parts[0]
         want = m["label_names"].index(folder) if folder in ("cat", "dog") else None
         assert r.label == want
 
@@ -178,7 +179,7 @@ def test_rerun_is_deterministic_and_patches_are_reproducible(tmp_path):
     r = read_split(str(tmp_path / "a"), "train")[0]
     from PIL import Image
 
-    full = np.asarray(Image.open(r.key.split("#")[0]))
+    full = np.asarray(Image.open(src / r.key.split("#")[0]))
     windows = np.lib.stride_tricks.sliding_window_view(full, (8, 8))
     assert (windows == r.image[:, :, 0]).all(axis=(2, 3)).any()
 
@@ -320,44 +321,43 @@ def test_tfds_source_prepared_offline(tmp_path):
         )
 
 
-def test_split_and_patches_do_not_depend_on_where_the_collection_lives(tmp_path):
+def test_a_copied_collection_gives_the_same_dataset_byte_for_byte(tmp_path):
+    """Keys are paths under the input root, so the split, the patches, the shard of each
+    record and the order within it do not depend on where the folder lives."""
     for root in ("a/src", "b/elsewhere/src"):
         gen = np.random.default_rng(9)  # same files in both places
         for i in range(40):
             path = tmp_path / root / f"c{i % 2}" / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(image_bytes(gen.integers(0, 255, (12, 12), np.uint8), "PNG"))
-    runs = {}
+    shards = {}
     for root in ("a/src", "b/elsewhere/src"):
-        out = str(tmp_path / root) + "-out"
-        job.run(
+        out = tmp_path / (root + "-out")
+        m = job.run(
             [
                 "--input",
                 str(tmp_path / root),
                 "--output",
-                out,
+                str(out),
                 "--patches",
                 "2",
                 "--patch-size",
                 "4",
                 "--eval-fraction",
                 "0.3",
+                "--num-shards",
+                "3",
                 *FAST,
             ]
         )
-        runs[root] = {
-            split: {
-                (
-                    Path(r.key.split("#")[0]).relative_to(tmp_path / root).as_posix(),
-                    r.key.split("#")[1],
-                    r.image.tobytes(),
-                )
-                for r in read_split(out, split)
-            }
+        shards[root] = {
+            sh["path"]: (out / sh["path"]).read_bytes()
             for split in job.SPLITS
+            for sh in m["splits"][split]["shards"]
         }
-    assert runs["a/src"] == runs["b/elsewhere/src"]
-    assert runs["a/src"]["eval"] and runs["a/src"]["train"]
+    assert shards["a/src"] == shards["b/elsewhere/src"] and len(shards["a/src"]) == 6
+    keys = {r.key for r in read_split(str(tmp_path / "a/src-out"), "eval")}
+    assert keys and all(k.startswith(("c0/", "c1/")) and "#patch=" in k for k in keys)
 
 
 def test_glob_input_takes_only_the_matching_files(tmp_path):
@@ -366,7 +366,7 @@ def test_glob_input_takes_only_the_matching_files(tmp_path):
     src = tmp_path / "digits"
     assert _sae("datasets", "export", "digits", str(src)).returncode == 0
     (src / "notes.txt").write_text("not an image")  # only the folder listing sees this one
-    wanted = sorted(str(p) for p in src.glob("[12]/*.png"))
+    wanted = sorted(p.relative_to(src).as_posix() for p in src.glob("[12]/*.png"))
     outs = {}
     for name, spec in (("folder", str(src)), ("glob", f"{src}/[12]/*.png")):
         outs[name] = str(tmp_path / name)
@@ -398,9 +398,10 @@ def test_spread_inputs_stream_into_the_decode_alone(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"not read: the pipeline is only built")
     source = sources.parse(str(tmp_path))
-    opts = {"patches": None, "eval_fraction": 0.1, "compression": "none", "num_shards": 1}
+    decoding = decode.DecodeOptions((4, 4, 1))
+    output = job.OutputOptions(num_shards=1)
     p = beam.Pipeline()
-    job.build(p, source, str(tmp_path / "out"), (4, 4, 1), opts, None, str(tmp_path))
+    job.build(p, source, str(tmp_path / "out"), decoding, output, None, str(tmp_path))
 
     consumers: dict[str, list[str]] = {}
 
@@ -411,7 +412,8 @@ def test_spread_inputs_stream_into_the_decode_alone(tmp_path):
                     consumers.setdefault(pc.producer.full_label, []).append(node.full_label)
 
     p.visit(Consumers())
-    assert consumers["ReadSource/Unpack"] == ["Decode/ParDo(DecodeBatch)"]
+    spread = consumers["ReadAndDecode/ReadSource/Unpack"]
+    assert spread == ["ReadAndDecode/Decode/ParDo(DecodeBatch)"]
 
 
 def test_dct_downscaled_decode_is_the_default_and_exact_decode_turns_it_off(tmp_path):

@@ -75,3 +75,7 @@ def test_interrupted_stage_is_redone(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((workdir / "data" / "manifest.json").read_text())["num_inputs"] == 200
     assert (workdir / "report.html").exists()
+    # The Beam option reached both Beam stages (extract's default is multi_processing).
+    for job in ("preprocess", "extract"):
+        (first,) = [ln for ln in r.stdout.splitlines() if ln.startswith(f"{job}: ") and "->" in ln]
+        assert "runner FnApiRunner (in_memory)" in first, first
