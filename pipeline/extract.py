@@ -38,7 +38,7 @@ from preprocessing import exiting, images, records, sharding, sources, wire
 from preprocessing import job as preprocess_job
 from preprocessing import manifest as manifest_lib
 from preprocessing.errors import ArgumentParser, UserError
-from preprocessing.manifest import MANIFEST_NAME, join
+from preprocessing.manifest import MANIFEST_NAME, absolute, join
 
 ERRORS_FILE = "errors/errors-00000-of-00001.jsonl"
 STAGING_PREFIX = ".staging-"
@@ -346,12 +346,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise UserError(f"invalid --format {args.format!r}: use tfrecord, parquet or both")
     if args.batch_size < 1:
         raise UserError(f"invalid --batch-size {args.batch_size}: expected >= 1")
-    export_dir, version = models.resolve(args.model)
+    export_dir, version = models.resolve(absolute(args.model))
     info = models.export_info(export_dir)
     shape = tuple(info["image_shape"])
     rho = float(info["config"]["rho"])
     kind, value = parse_sparsify(args.sparsify, rho)
-    out = args.output.rstrip("/")
+    out = absolute(args.output.rstrip("/"))
     _check_output(out, args.overwrite)
     staging = join(out, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
 
@@ -372,7 +372,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     print(f"extract: {args.data} -> {out} with {export_dir} ({header['sparsify']})", flush=True)
     with beam.Pipeline(options=options) as p:
         if is_dataset:
-            data = manifest_lib.load(args.data)
+            data = manifest_lib.load(absolute(args.data))
             if data.image_shape != shape:
                 raise UserError(
                     f"dataset {args.data} holds {'x'.join(map(str, data.image_shape))} images "

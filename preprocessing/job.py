@@ -33,7 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from preprocessing import exiting, images, records, sharding, sources, wire
 from preprocessing.errors import ArgumentParser, UserError
-from preprocessing.manifest import KIND, MANIFEST_NAME, join
+from preprocessing.manifest import KIND, MANIFEST_NAME, absolute, join
 
 SPLITS = ("train", "eval")
 FAILED_NAME = "_FAILED.json"
@@ -540,7 +540,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the manifest. Raises UserError for bad flags or input."""
     args, beam_args = make_parser().parse_known_args(argv)
     configure_logging(args.verbose)
-    out = args.output.rstrip("/")
+    out = absolute(args.output.rstrip("/"))
     source = sources.parse(args.input, args.tfds_data_dir)
     declared = sources.label_names(source)
     shape = _infer_shape(source, args)
