@@ -523,11 +523,13 @@ def default_beam_args(beam_args: list[str]) -> list[str]:
 
     FnApiRunner is the engine of Beam's DirectRunner. Naming it pins that engine: since
     Beam 2.6x the DirectRunner first tries to download and start the Prism runner, which
-    needs internet access and handles these worker options differently.
+    needs internet access and handles these worker options differently. Its workers, and
+    only they, may skip the interpreter's teardown (preprocessing/exiting.py).
     """
     joined = " ".join(beam_args)
     args = list(beam_args)
     if "--runner" not in joined:
+        exiting.mark_local_workers()
         args.append("--runner=FnApiRunner")
         if "--direct_running_mode" not in joined:
             args.append("--direct_running_mode=multi_processing")
