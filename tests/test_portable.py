@@ -4,7 +4,10 @@ Flink's and Spark's job servers take Beam Python pipelines through the portable 
 run the Python code in SDK workers started by a worker pool (`--environment_type EXTERNAL`).
 Beam ships both ends in Python; here they run as real processes on loopback ports, in a
 working directory of their own (as on a cluster), and each job's output must equal the
-default (local) runner's, byte for byte.
+default (local) runner's, byte for byte. Beam's local job service runs one SDK worker per
+job (it reads neither --direct_num_workers nor --sdk_worker_parallelism); the default runner
+here runs one per core, so the comparison also holds across worker counts. The pool's
+`python -c` workers install no staged packages: this package must be installed there.
 """
 
 from __future__ import annotations
