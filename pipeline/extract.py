@@ -39,7 +39,7 @@ from preprocessing import job as preprocess_job
 from preprocessing import manifest as manifest_lib
 from preprocessing.decode import Example
 from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
-from preprocessing.manifest import ERRORS_FILE, MANIFEST_NAME, join
+from preprocessing.manifest import ERRORS_FILE, MANIFEST_NAME, absolute, join
 
 STAGING_PREFIX = ".staging-"
 FORMATS = ("tfrecord", "parquet")
@@ -355,12 +355,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise UserError(f"invalid --format {args.format!r}: use tfrecord, parquet or both")
     if args.batch_size < 1:
         raise UserError(f"invalid --batch-size {args.batch_size}: expected >= 1")
-    export_dir, version = models.resolve(args.model)
+    export_dir, version = models.resolve(absolute(args.model))
     info = models.export_info(export_dir)
     shape = tuple(info["image_shape"])
     rho = float(info["config"]["rho"])
     kind, value = parse_sparsify(args.sparsify, rho)
-    out = args.output.rstrip("/")
+    out = absolute(args.output.rstrip("/"))
     _check_output(out, args.overwrite)
     staging = join(out, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
 
@@ -385,7 +385,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     with progress.running(options, "extract", "rows", args.quiet) as (p, reporter):
         if is_dataset:
-            data = manifest_lib.load(args.data)
+            data = manifest_lib.load(absolute(args.data))
             if data.image_shape != shape:
                 raise UserError(
                     f"dataset {args.data}: "

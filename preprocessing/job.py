@@ -30,10 +30,10 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import decode, images, progress, records, sharding, sources, wire
+from preprocessing import decode, exiting, images, progress, records, sharding, sources, wire
 from preprocessing.decode import SPLITS
 from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
-from preprocessing.manifest import ERRORS_FILE, KIND, MANIFEST_NAME, join
+from preprocessing.manifest import ERRORS_FILE, KIND, MANIFEST_NAME, absolute, join
 
 FAILED_NAME = "_FAILED.json"
 
@@ -358,11 +358,13 @@ def default_beam_args(beam_args: list[str]) -> list[str]:
 
     FnApiRunner is the engine of Beam's DirectRunner. Naming it pins that engine: since
     Beam 2.6x the DirectRunner first tries to download and start the Prism runner, which
-    needs internet access and handles these worker options differently.
+    needs internet access and handles these worker options differently. Its workers, and
+    only they, may skip the interpreter's teardown (preprocessing/exiting.py).
     """
     joined = " ".join(beam_args)
     args = list(beam_args)
     if "--runner" not in joined:
+        exiting.mark_local_workers()
         args.append("--runner=FnApiRunner")
         if "--direct_running_mode" not in joined:
             args.append("--direct_running_mode=multi_processing")
@@ -375,7 +377,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the manifest. Raises UserError for bad flags or input."""
     args, beam_args = make_parser().parse_known_args(argv)
     configure_logging(args.verbose)
-    out = args.output.rstrip("/")
+    out = absolute(args.output.rstrip("/"))
     source = sources.parse(args.input, args.tfds_data_dir)
     declared = sources.label_names(source)
     size = (args.patch_size, args.patch_size) if args.patches else args.resize

@@ -18,6 +18,7 @@ dataset directory, so a dataset can be copied or moved (local <-> gs://).
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from dataclasses import dataclass
 
@@ -33,6 +34,13 @@ KIND = "sae-pipeline/records"
 def join(base: str, *parts: str) -> str:
     """Joins URI parts with '/', for local paths and gs:// alike."""
     return posixpath.join(base.rstrip("/"), *parts) if base else posixpath.join(*parts)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute; URIs (gs://...) unchanged. Paths that reach Beam workers
+    must be absolute: a remote runner's workers (Flink, Spark, a worker pool) do not run in
+    the launcher's working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from preprocessing import builtin
 from preprocessing.errors import UserError
+from preprocessing.manifest import absolute
 
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
 _GLOB_CHARS = set("*?[")
@@ -72,20 +73,18 @@ def parse(src: str, tfds_data_dir: str | None = None) -> Source:
         return Source("builtin", name)
     if src.startswith("tfds:"):
         name, _, split = src[len("tfds:") :].partition(":")
-        return Source("tfds", name, split=split or "train", data_dir=tfds_data_dir)
+        data_dir = absolute(tfds_data_dir) if tfds_data_dir else None
+        return Source("tfds", name, split=split or "train", data_dir=data_dir)
+    path = absolute(src)  # workers read it, in their own working directory
     if src.lower().endswith(LIST_SUFFIXES) and not _GLOB_CHARS & set(src):
-        if not FileSystems.exists(src):
+        if not FileSystems.exists(path):
             raise UserError(f"list file {src} does not exist; check the --input path")
-        return Source("list", src)
-    if "://" not in src:
-        # Absolute, so keys (paths under the root) come out the same whichever way the
-        # files are listed.
-        src = os.path.abspath(src)
-    if _GLOB_CHARS & set(src):
-        root = src[: min(src.index(c) for c in _GLOB_CHARS if c in src)].rsplit("/", 1)[0]
-        pattern = src
+        return Source("list", path)
+    if _GLOB_CHARS & set(path):
+        root = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
+        pattern = path
     else:
-        root = src.rstrip("/")
+        root = path.rstrip("/")
         pattern = root + "/**"
     if not FileSystems.match([pattern], limits=[1])[0].metadata_list:
         raise UserError(

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing import builtin
+from preprocessing import builtin, exiting
 
 ROOT = Path(__file__).resolve().parents[1]
 
 _PROBE = """
 import atexit, sys, types
-if sys.argv[1] == "worker":  # what a Beam SDK worker process looks like to the check
+if sys.argv[1] != "sae":  # what a Beam SDK worker process looks like to the check
     sys.modules["__main__"].__spec__ = types.SimpleNamespace(
         name="apache_beam.runners.worker.sdk_worker_main")
 atexit.register(print, " teardown", end="")  # stands for TensorFlow's and Beam's teardown
@@ -28,8 +28,11 @@ sys.exit(int(sys.argv[2]))
 """
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, local_worker: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop(exiting.LOCAL_WORKERS, None)
+    if local_worker:
+        env[exiting.LOCAL_WORKERS] = "1"  # as the local runner's workers inherit it
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=120, env=env
     )
@@ -37,12 +40,20 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "process, ending, code",
-    [("worker", "0", 0), ("worker", "raise", 1), ("sae", "3", 3), ("sae", "raise", 1)],
+    [
+        ("worker", "0", 0),
+        ("worker", "raise", 1),
+        ("remote-worker", "0", 0),
+        ("remote-worker", "raise", 1),
+        ("sae", "3", 3),
+        ("sae", "raise", 1),
+    ],
 )
-def test_workers_skip_the_teardown_but_keep_status_and_output(process, ending, code):
-    """A Beam worker leaves with os._exit after flushing; a failure still exits non-zero;
-    any other process (the one running `sae`, or pytest) keeps its normal exit."""
-    proc = _run("-c", _PROBE, process, ending)
+def test_local_workers_skip_the_teardown_but_keep_status_and_output(process, ending, code):
+    """A worker of the local runner leaves with os._exit after flushing; a failure still
+    exits non-zero; any other process (a worker the launcher did not start, the one running
+    `sae`, or pytest) keeps its normal exit."""
+    proc = _run("-c", _PROBE, process, ending, local_worker=process == "worker")
     assert proc.returncode == code, proc.stderr[-2000:]
     assert proc.stdout == ("flushed" if process == "worker" else "flushed teardown")
     assert ("RuntimeError: worker failed" in proc.stderr) == (ending == "raise")
