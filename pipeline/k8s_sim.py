@@ -474,6 +474,7 @@ def network(spec: JobSpec, mode: str, say: Callable[[str], None]) -> Iterator[Ne
     namespaces = tuple(f"sae-{tag}-{i}" for i in range(n))
     addresses = tuple(f"{subnet}.{10 + i}" for i in range(n))
     created: list[str] = []
+    veths: list[str] = []
     try:
         _ip("link", "add", "name", bridge, "type", "bridge")
         _ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
@@ -483,6 +484,7 @@ def network(spec: JobSpec, mode: str, say: Callable[[str], None]) -> Iterator[Ne
             created.append(ns)
             host_end, pod_end = f"sv{tag}{i}h", f"sv{tag}{i}p"
             _ip("link", "add", host_end, "type", "veth", "peer", "name", pod_end)
+            veths.append(host_end)
             _ip("link", "set", host_end, "master", bridge, "up")
             _ip("link", "set", pod_end, "netns", ns)
             _ip("-n", ns, "addr", "add", f"{addresses[i]}/24", "dev", pod_end)
@@ -494,8 +496,11 @@ def network(spec: JobSpec, mode: str, say: Callable[[str], None]) -> Iterator[Ne
         say(f"{spec.name}: network netns: bridge {bridge}, pods at {', '.join(addresses)}")
         yield Network("netns", namespaces, addresses)
     finally:
+        # Deleted explicitly: a namespace's veth pairs otherwise go away only some time later.
+        for veth in veths:
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
         for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # its veth goes too
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
 
@@ -608,6 +613,9 @@ def run_job(
             _stop_all(active, spec.grace)
             for pod in active.values():
                 say(f"pod {pod.plan.name}: Failed (terminated: the job failed)")
+            say(f"{spec.name}: active 0, succeeded {len(done)}, failed {failed + len(active)} "
+                f"({time.monotonic() - start:.0f} s)")  # fmt: skip
+            active.clear()
             raise UserError(f"job {spec.name} failed: {reason}: {message}", exit_code=EXIT_FAILED)
 
         try:
@@ -659,15 +667,15 @@ def run_job(
                     action = "Count"
                     if spec.restart_policy == "Never":
                         action = failure_action(spec.rules, container, code, pod.disrupted)
+                    if action != "Ignore":
+                        failed += 1
+                        failures[i] += 1
                     matched = f"failed with exit code {code} matching {action} rule at index {i}"
                     if action == "FailJob":
                         fail("PodFailurePolicy", f"Container {container} for pod "
                              f"{NAMESPACE}/{name} {matched}")  # fmt: skip
                     if action == "FailIndex":
                         fail("FailedIndexes", f"index {i} {matched}")
-                    if action != "Ignore":
-                        failed += 1
-                        failures[i] += 1
                     if failed > spec.backoff_limit:
                         fail("BackoffLimitExceeded", "Job has reached the specified backoff limit")
                     delay = min(MAX_BACKOFF, backoff_delay * 2 ** max(0, failures[i] - 1))
