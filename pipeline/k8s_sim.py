@@ -97,12 +97,11 @@ def parse_trigger(text: str, evict: bool = False) -> Trigger:
         except re.error as e:
             raise argparse.ArgumentTypeError(f"invalid regular expression in {text!r}: {e}") from e
     try:
-        seconds = float(when)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise argparse.ArgumentTypeError(f"expected INDEX@SECONDS or INDEX@/REGEX/, got {text!r}")
-    return Trigger(int(index), seconds=seconds, evict=evict)
+        return Trigger(int(index), seconds=_nonnegative(when), evict=evict)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected INDEX@SECONDS or INDEX@/REGEX/, got {text!r}"
+        ) from None
 
 
 def _nonnegative(text: str) -> float:
@@ -440,7 +439,8 @@ def hosts_file(spec: JobSpec, addresses: Sequence[str], index: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1."""
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -461,7 +461,7 @@ def network(spec: JobSpec, mode: str, say: Callable[[str], None]) -> Iterator[Ne
         mode = "netns" if netns_available() else "loopback"
     n = spec.completions
     if mode == "loopback":
-        hosts = ",".join(f"127.0.0.1:{p}" for p in _free_ports(n))
+        hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(n))
         say(f"{spec.name}: network loopback: the Service's host names do not resolve here; "
             f"every pod gets SAE_WORKER_HOSTS={hosts}, so TF_CONFIG names these ports, not "
             f"<job>-<index>.{spec.subdomain}")  # fmt: skip
