@@ -514,14 +514,13 @@ class Pod:
     proc: subprocess.Popen
     log: Path
     started: float
-    restarts: int = 0
     trigger: Trigger | None = None
     stop_at: float | None = None  # eviction: SIGKILL after the grace period
     disrupted: bool = False
     offset: int = 0  # of the log, for --kill INDEX@/REGEX/
 
 
-def _start(plan: PodPlan, net: Network, root: Path, now: float, restarts: int = 0) -> Pod:
+def _start(plan: PodPlan, net: Network, root: Path, now: float) -> Pod:
     for folder in plan.folders:
         folder.mkdir(parents=True, exist_ok=True)
     log = root / "logs" / f"{plan.name}.log"
@@ -531,7 +530,7 @@ def _start(plan: PodPlan, net: Network, root: Path, now: float, restarts: int = 
             net.wrap(plan), env=dict(plan.env), stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=root,
         )  # fmt: skip
-    return Pod(plan, proc, log, now, restarts)
+    return Pod(plan, proc, log, now)
 
 
 def _signal(pod: Pod, sig: int) -> None:
@@ -606,6 +605,7 @@ def run_job(
         done: set[int] = set()
         not_before = dict.fromkeys(range(spec.completions), 0.0)
         failures = dict.fromkeys(range(spec.completions), 0)
+        restarts = dict.fromkeys(range(spec.completions), 0)  # of the index's current pod
         failed = 0
         last = None
 
@@ -630,7 +630,8 @@ def run_job(
                     active[i] = pod = _start(p, net, root, now)
                     pod.trigger = pending.pop(i, None)
                     where = f", {net.addresses[i]}" if net.addresses else ""
-                    say(f"pod {p.name}: Running (index {i}{where}; log {pod.log})")
+                    again = f"; restart {restarts[i]}" if restarts[i] else ""
+                    say(f"pod {p.name}: Running (index {i}{where}{again}; log {pod.log})")
                 counts = (len(active), len(done), failed)
                 if counts != last:
                     say(f"{spec.name}: active {counts[0]}, succeeded {counts[1]}, "
@@ -682,12 +683,9 @@ def run_job(
                     not_before[i] = time.monotonic() + (delay if action != "Ignore" else 0.0)
                     if spec.restart_policy == "OnFailure":
                         # The kubelet restarts the container in the same pod (and its emptyDirs).
-                        while time.monotonic() < not_before[i]:
-                            time.sleep(POLL)
-                        active[i] = _start(pod.plan, net, root, time.monotonic(), pod.restarts + 1)
-                        say(f"pod {name}: Running (restart {pod.restarts + 1})")
+                        restarts[i] += 1
                     else:
-                        plans[i] = plan(i, _pod_name(spec, i))
+                        plans[i], restarts[i] = plan(i, _pod_name(spec, i)), 0
                 elapsed = time.monotonic() - start
                 if spec.deadline is not None and elapsed >= spec.deadline:
                     fail("DeadlineExceeded", "Job was active longer than specified deadline")

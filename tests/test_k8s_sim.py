@@ -219,6 +219,7 @@ def test_restart_policy_decides_between_a_restart_in_place_and_a_new_pod(
     if completes:
         lines = _run(tmp_path, job)
         assert lines[-1] == "toy: complete"
+        assert any("; restart 1;" in line for line in lines) == (policy == "OnFailure")
     else:
         with pytest.raises(UserError, match="BackoffLimitExceeded"):
             _run(tmp_path, job)
