@@ -63,7 +63,7 @@ from preprocessing.errors import UserError
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 124
-NAMESPACE = "default"
+NAMESPACE = "default"  # of objects without one (kubectl's default)
 # The Dockerfile's ENV lines (the container's environment before the manifest's env).
 IMAGE_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": "/tmp"}
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -182,6 +182,7 @@ class JobSpec:
     grace: float  # terminationGracePeriodSeconds
     template: dict = field(repr=False)  # the pod template
     subdomain: str | None = None
+    namespace: str = NAMESPACE
 
 
 def _job_and_name(workload: dict) -> tuple[dict, str]:
@@ -223,6 +224,7 @@ def job_spec(workload: dict) -> JobSpec:
         grace=float(pod.get("terminationGracePeriodSeconds", 30)),
         template=spec["template"],
         subdomain=pod.get("subdomain"),
+        namespace=workload["metadata"].get("namespace", NAMESPACE),
     )
 
 
@@ -372,7 +374,8 @@ def pod_plan(
     annotations = dict(spec.template.get("metadata", {}).get("annotations") or {})
     if spec.indexed:
         labels[INDEX_ANNOTATION] = annotations[INDEX_ANNOTATION] = str(index)
-    meta = {"name": name, "namespace": NAMESPACE, "labels": labels, "annotations": annotations}
+    meta = {"name": name, "namespace": spec.namespace, "labels": labels,
+            "annotations": annotations}  # fmt: skip
     env = container_env(container, objects, meta, {**pod_spec, "podIP": address})
     if spec.indexed:
         env["JOB_COMPLETION_INDEX"] = str(index)
@@ -432,7 +435,8 @@ def hosts_file(spec: JobSpec, addresses: Sequence[str], index: int) -> str:
     for i, address in enumerate(addresses):
         host = f"{spec.name}-{i}"
         service = f"{host}.{spec.subdomain}"
-        names = [f"{service}.{NAMESPACE}.svc.cluster.local", f"{service}.{NAMESPACE}.svc", service]
+        ns = spec.namespace
+        names = [f"{service}.{ns}.svc.cluster.local", f"{service}.{ns}.svc", service]
         if i == index:
             names.append(host)
         lines.append(f"{address} {' '.join(names)}")
@@ -674,7 +678,7 @@ def run_job(
                     matched = f"failed with exit code {code} matching {action} rule at index {i}"
                     if action == "FailJob":
                         fail("PodFailurePolicy", f"Container {container} for pod "
-                             f"{NAMESPACE}/{name} {matched}")  # fmt: skip
+                             f"{spec.namespace}/{name} {matched}")  # fmt: skip
                     if action == "FailIndex":
                         fail("FailedIndexes", f"index {i} {matched}")
                     if failed > spec.backoff_limit:

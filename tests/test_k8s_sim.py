@@ -131,6 +131,20 @@ def test_a_train_pod_gets_the_rendered_env_volumes_and_service_host_names(tmp_pa
     assert out == [env["DATASET"], f"{tmp_path}/volumes/sae-data/digits/train", "--set", "hidden=8"]
 
 
+@needs_kubectl
+def test_every_pods_hosts_file_names_every_pod_in_the_jobs_namespace():
+    objects = k8s_cli.select(k8s_cli.build(k8s_cli.default_manifests(), "local", workers=2,
+                                           namespace="ml"), "train")  # fmt: skip
+    spec = k8s_sim.job_spec(_workload(objects))
+    hosts = k8s_sim.hosts_file(spec, ["10.0.0.10", "10.0.0.11"], 1).splitlines()
+    assert hosts[2:] == [
+        "10.0.0.10 sae-train-0.sae-train.ml.svc.cluster.local sae-train-0.sae-train.ml.svc "
+        "sae-train-0.sae-train",
+        "10.0.0.11 sae-train-1.sae-train.ml.svc.cluster.local sae-train-1.sae-train.ml.svc "
+        "sae-train-1.sae-train sae-train-1",  # its own short host name too
+    ]
+
+
 def test_env_resolution_follows_kubernetes_precedence_and_expansion(tmp_path):
     cm = {"kind": "ConfigMap", "metadata": {"name": "cm"}, "data": {"A": "from-cm", "B": "b"}}
     container = {
