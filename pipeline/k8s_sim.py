@@ -134,8 +134,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--kill", type=parse_trigger, action="append", default=[],
         metavar="INDEX@SECONDS|INDEX@/REGEX/",
-        help="SIGKILL the first pod of INDEX that long after it started, or when its output "
-        "matches REGEX (a crash: counts against backoffLimit; repeatable)",
+        help="SIGKILL the first pod of INDEX (in each job run) that long after it started, or "
+        "when its output matches REGEX (a crash: counts against backoffLimit; repeatable)",
     )  # fmt: skip
     s.add_argument(
         "--evict", type=lambda t: parse_trigger(t, evict=True), action="append", default=[],
