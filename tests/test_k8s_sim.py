@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli, k8s_cli, k8s_sim
+from pipeline import cli, k8s_cli, k8s_net, k8s_sim
 from preprocessing.errors import UserError
 from trainer import cluster
 
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
-needs_netns = pytest.mark.skipif(not k8s_sim.netns_available(), reason="needs root and `ip`")
+needs_netns = pytest.mark.skipif(not k8s_net.netns_available(), reason="needs root and `ip`")
 SAE = str(Path(sys.executable).parent / "sae")
 
 
@@ -136,7 +136,7 @@ def test_every_pods_hosts_file_names_every_pod_in_the_jobs_namespace():
     objects = k8s_cli.select(k8s_cli.build(k8s_cli.default_manifests(), "local", workers=2,
                                            namespace="ml"), "train")  # fmt: skip
     spec = k8s_sim.job_spec(_workload(objects))
-    hosts = k8s_sim.hosts_file(spec, ["10.0.0.10", "10.0.0.11"], 1).splitlines()
+    hosts = k8s_net.hosts_file(spec, ["10.0.0.10", "10.0.0.11"], 1).splitlines()
     assert hosts[2:] == [
         "10.0.0.10 sae-train-0.sae-train.ml.svc.cluster.local sae-train-0.sae-train.ml.svc "
         "sae-train-0.sae-train",
