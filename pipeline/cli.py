@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrain": ("pipeline.retrain", "train a candidate, gate it, promote it atomically"),
     "models": ("pipeline.models", "list, promote or roll back model versions"),
     "datasets": ("preprocessing.datasets_cli", "list or export the built-in datasets"),
-    "k8s": ("pipeline.k8s_cli", "render or submit Kubernetes jobs (kustomize)"),
+    "k8s": ("pipeline.k8s_cli", "render, submit or simulate Kubernetes jobs (kustomize)"),
 }
 
 

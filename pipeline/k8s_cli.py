@@ -6,6 +6,7 @@
         --set WORKDIR=gs://my-bucket/sae/runs/1 > train.yaml
     sae k8s submit --overlay local --job all             # preprocess, train, extract in turn
     sae k8s submit --overlay gke --job retrain --now     # the CronJob, and one run right away
+    sae k8s simulate --overlay local --job all --root runs/k8s-sim   # no cluster (k8s_sim.py)
 
 Rendering needs kubectl (for `kubectl kustomize`), not a cluster. The k8s/ tree is copied to a
 temporary folder; --image replaces the overlay's `sae-pipeline` image; a kustomization generated
@@ -110,12 +111,12 @@ def make_parser() -> ArgumentParser:
 
     p = ArgumentParser(
         prog="sae k8s",
-        description="Render the Kubernetes manifests of the pipeline's jobs (kustomize), or "
-        "submit them and follow them to completion.",
+        description="Render the Kubernetes manifests of the pipeline's jobs (kustomize), "
+        "submit them and follow them to completion, or simulate them on this machine.",
         epilog="Exit codes: 0 done; 1 a job failed; 2 bad flags, kubectl missing or failing; "
         "124 --timeout reached (the job keeps running).",
     )
-    sub = p.add_subparsers(dest="action", required=True, metavar="{render,submit}")
+    sub = p.add_subparsers(dest="action", required=True, metavar="{render,submit,simulate}")
     sub.add_parser(
         "render",
         parents=[common],
@@ -147,6 +148,9 @@ def make_parser() -> ArgumentParser:
     s.add_argument(
         "--now", action="store_true", help="retrain: also start one run now and follow it"
     )
+    from pipeline import k8s_sim
+
+    k8s_sim.add_parser(sub, common)
     return p
 
 
@@ -398,5 +402,10 @@ def run(argv: Sequence[str] | None = None) -> list[dict]:
         chosen = select(objects, args.job)
         sys.stdout.write(to_yaml(chosen))
         return chosen
-    submit(objects, args)
+    if args.action == "simulate":
+        from pipeline import k8s_sim
+
+        k8s_sim.simulate(objects, args)
+    else:
+        submit(objects, args)
     return select(objects, args.job)

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline import cli, k8s_cli
+from pipeline import cli, k8s_cli, k8s_net
 from preprocessing.errors import UserError
 from trainer import cluster
 
@@ -84,17 +83,6 @@ def _one(objects: list[dict], kind: str, name: str | None = None) -> dict:
 
 def _env(container: dict) -> dict:
     return {e["name"]: e for e in container.get("env", [])}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -552,7 +540,7 @@ def test_two_indexed_job_workers_train_in_sync_and_only_worker_0_writes(tmp_path
     job.run(["--input", "builtin:digits", "--output", str(data),
              "--direct_running_mode=in_memory", "--direct_num_workers=1"])  # fmt: skip
     workdir = tmp_path / "run"
-    hosts = ",".join(f"127.0.0.1:{p}" for p in _free_ports(2))
+    hosts = ",".join(f"127.0.0.1:{p}" for p in k8s_net.free_ports(2))
     base_env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     train = [sys.executable, "-m", "pipeline.cli", "train", "--data", str(data),
              "--workdir", str(workdir), "--preset", "tiny", "--verbose", "0"]  # fmt: skip

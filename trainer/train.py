@@ -12,12 +12,15 @@ for the data-order guarantee).
 WORKDIR/ config.json, checkpoints/, tensorboard/, export/ (SavedModel),
          metrics.json, filters.png, reconstructions.png
 Exit codes: 0 done; 2 bad flags, config or data; 4 the loss became NaN/Inf (the last
-good checkpoint is kept); 75 stopped by SIGTERM after saving a checkpoint (retryable).
+good checkpoint is kept); 75 stopped by SIGTERM after saving a checkpoint, or another worker
+was lost (retryable: rerun every worker to resume).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -37,7 +40,7 @@ def make_parser() -> ArgumentParser:
         prog="sae train",
         description="Train a KL-sparse autoencoder (UFLDL cost) on `sae preprocess` output.",
         epilog="Exit codes: 0 done; 2 bad flags/config/data; 4 NaN/Inf loss; "
-        "75 stopped by SIGTERM after a checkpoint (rerun to resume).",
+        "75 stopped by SIGTERM after a checkpoint, or a peer worker lost (rerun to resume).",
     )
     p.add_argument(
         "--data", required=True, help="dataset folder (local or gs://) with manifest.json"
@@ -210,6 +213,23 @@ def _fingerprint(model) -> str:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Trains (or resumes) and returns the final eval metrics."""
     args = make_parser().parse_args(argv)
+    import tensorflow as tf
+
+    try:
+        return _train(args)
+    except tf.errors.UnavailableError:
+        if "TF_CONFIG" not in os.environ:
+            raise
+        # A collective failed: a peer crashed or was stopped. Every worker must restart
+        # (a Kubernetes Job recreates them); the rerun resumes from the last checkpoint.
+        raise UserError(
+            f"lost contact with another worker (UnavailableError); {args.workdir} keeps the "
+            "last checkpoint: rerun every worker with the same command to resume",
+            exit_code=EXIT_PREEMPTED,
+        ) from None
+
+
+def _train(args: argparse.Namespace) -> dict:
     from trainer import cluster, distribute
     from trainer import config as config_lib
 
@@ -232,8 +252,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     out_dir = workdir if chief else distribute.worker_temp_dir(workdir)
     _check_config_matches(workdir, cfg)
     tf.io.gfile.makedirs(out_dir)
-    if chief:
-        _write(join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
+    if chief and not tf.io.gfile.exists(join(workdir, "config.json")):
+        # Atomically: a restarted worker reads it (above) while a restarted chief starts.
+        tmp = join(workdir, f"config.json.tmp-{os.getpid()}")
+        _write(tmp, json.dumps(cfg.to_dict(), indent=2))
+        tf.io.gfile.rename(tmp, join(workdir, "config.json"), overwrite=True)
 
     # Compiled once the restored step is known (it picks the steps per call, below).
     with strategy.scope():
