@@ -1,10 +1,28 @@
-"""Throughput and peak memory of `sae preprocess` against a plain Python loop, on small files.
+"""Throughput and peak memory of `sae preprocess` against hand-written scripts, in two modes.
 
     .venv/bin/python benchmarks/preprocess_bench.py                     # full: 50k + 200k files
     .venv/bin/python benchmarks/preprocess_bench.py --images 2000           # smoke, ~1.5 min
     .venv/bin/python benchmarks/preprocess_bench.py --workdir /tmp/pb --out pb.json  # reuses files
+    .venv/bin/python benchmarks/preprocess_bench.py --mode photo --workdir /tmp/pb  # 20k + 80k
 
-What it does, in one run:
+Photo mode (--mode photo): N photo-sized JPEGs (default 20,000), each a random crop (0.5-1 of
+each side) of one of the ten bundled photographs, rescaled (bicubic) to a long side uniform in
+320-960 px, JPEG quality 90 (median ~60 KB), in ten class folders named after the photos,
+resized to 64x64x3 (crop). Contenders, each a whole process, interleaved --repeats times:
+  sae_1w, sae_2w   sae preprocess --resize 64x64 --channels 3 with 1 and 2 local workers
+  plain_loop       one process: Pillow open + convert('RGB') + ImageOps.fit (bilinear), a
+                   tf.train.Example with TensorFlow's proto classes, one TFRecordWriter
+  pool_full        multiprocessing.Pool(cores), tasks of 500 files each writing its own shard
+  pool_draft       the same with Image.draft('RGB', (64, 64)) before the convert: DCT-domain
+                   downscaling, the best a user could hand-write
+then sae_2w and pool_draft again at every other size (4x: memory; the 4x collection is four
+hard links of each 1x photo under other names, so it costs no generation time and the page
+cache holds it whole, while the job lists, decodes and writes 4x the files). Also reported:
+`draft_quality`, the PSNR of the job's default (DCT-downscaled) decode against
+--exact-decode over 1,000 of the photos. Targets (PHOTO_TARGETS, 2 cores, N = 20,000): sae_2w
+>= 2.5x plain_loop, >= 1.4x pool_full, >= 0.9x pool_draft; peak memory 4x/1x <= 1.2.
+
+Tiny mode (the default), what it does, in one run:
 1. Writes a collection of N 28x28 grey images (default N = 50,000), half PNG and half JPEG, in
    class folders 0..9, derived from scikit-learn's digits (8x8 upsampled, randomly shifted, with
    noise, so files differ), plus a collection of 4N for the memory comparison (`--sizes 1,4`).
@@ -119,6 +137,25 @@ def _write_images(indices: range, root: str) -> int:
     return len(indices)
 
 
+def write_in_parallel(write, n: int, root: Path, chunk: int) -> int:
+    """write(range of file indices, root) over chunks of files 0..n-1, one process per core;
+    returns the number of files written."""
+    chunks = [range(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        return sum(pool.starmap(write, [(c, str(root)) for c in chunks]))
+
+
+def finish_collection(
+    root: Path, marker: Path, want: dict, written: int, n: int, t0: float
+) -> tuple[Path, float]:
+    """Checks the count and marks the collection complete; returns (root, seconds taken)."""
+    assert written == n, (written, n)
+    marker.write_text(json.dumps(want))
+    seconds = time.perf_counter() - t0
+    log(f"wrote {n} files in {seconds:.1f} s")
+    return root, round(seconds, 2)
+
+
 def make_collection(workdir: Path, n: int) -> tuple[Path, float | None]:
     """workdir/images-N with N files; reused if complete. Returns (dir, seconds or None)."""
     root = workdir / f"images-{n}"
@@ -133,15 +170,8 @@ def make_collection(workdir: Path, n: int) -> tuple[Path, float | None]:
     shutil.rmtree(root, ignore_errors=True)
     for label in range(10):
         (root / str(label)).mkdir(parents=True)
-    chunk = 2000
-    chunks = [range(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
-        written = sum(pool.starmap(_write_images, [(c, str(root)) for c in chunks]))
-    assert written == n, (written, n)
-    marker.write_text(json.dumps(want))
-    seconds = time.perf_counter() - t0
-    log(f"wrote {n} files in {seconds:.1f} s")
-    return root, round(seconds, 2)
+    written = write_in_parallel(_write_images, n, root, chunk=2000)
+    return finish_collection(root, marker, want, written, n, t0)
 
 
 # ----------------------------------------------------------------------------
@@ -240,12 +270,260 @@ def warm_page_cache(root: Path) -> None:
     log(f"page cache warmed for {root} in {time.perf_counter() - t:.1f} s")
 
 
+# ----------------------------------------------------------------------------
+# Photo mode: N photo-sized JPEGs, resized to 64x64x3.
+# ----------------------------------------------------------------------------
+PHOTO_SIDE = 64
+PHOTO_GENERATOR_VERSION = 1
+# Targets on 2 cores at N = 20,000: sae_2w against each hand-written contender.
+PHOTO_TARGETS = {"plain_loop": 2.5, "pool_full": 1.4, "pool_draft": 0.9}
+_PHOTOS: list | None = None
+
+
+def _write_photos(indices: range, root: str) -> int:
+    """Writes photos `indices`; photo i is a random crop (0.5-1 of each side) of bundled
+    photo i % 10, rescaled (bicubic) to a long side uniform in 320-960 px, JPEG quality 90,
+    in the folder named after its source photo. It depends only on i."""
+    from PIL import Image
+
+    from preprocessing import builtin
+
+    global _PHOTOS
+    if _PHOTOS is None:
+        names = [*builtin._PHOTOS, "china", "flower"]  # the order of builtin:natural-images
+        _PHOTOS = list(zip(names, builtin._natural_images()[0], strict=True))
+    for i in indices:
+        rng = np.random.default_rng(i)
+        name, photo = _PHOTOS[i % len(_PHOTOS)]
+        h, w = photo.shape[:2]
+        ch, cw = (int(rng.uniform(0.5, 1.0) * d) for d in (h, w))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = Image.fromarray(photo[y : y + ch, x : x + cw])
+        scale = rng.integers(320, 961) / max(ch, cw)
+        size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
+        img = crop.resize(size, Image.Resampling.BICUBIC)
+        img.save(os.path.join(root, name, f"{i:07d}.jpg"), format="JPEG", quality=90)
+    return len(indices)
+
+
+def make_photo_collection(workdir: Path, n: int, copies: int = 1) -> tuple[Path, float | None]:
+    """workdir/photos-N*COPIES: N JPEGs, and with copies > 1 that many hard links of each
+    under other names (`C-` prefix), so a 4x collection lists, decodes and writes 4x the
+    files, from one page-cached copy of the bytes. Reused if complete; returns (dir,
+    seconds or None)."""
+    from preprocessing import builtin
+
+    root = workdir / f"photos-{n * copies}"
+    marker = workdir / f"photos-{n * copies}.json"
+    want = {"count": n, "copies": copies, "generator_version": PHOTO_GENERATOR_VERSION}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        log(f"reusing {n * copies} photos in {root}")
+        return root, None
+    base = make_photo_collection(workdir, n)[0] if copies > 1 else None
+    log(f"writing {n * copies} photos to {root}")
+    t0 = time.perf_counter()
+    shutil.rmtree(root, ignore_errors=True)
+    for name in [*builtin._PHOTOS, "china", "flower"]:
+        (root / name).mkdir(parents=True)
+    if base is not None:
+        written = 0
+        for path, _ in _photo_files(str(base)):
+            folder, name = os.path.split(path)
+            for c in range(copies):
+                os.link(path, root / os.path.basename(folder) / f"{c}-{name}")
+                written += 1
+        n *= copies
+    else:
+        written = write_in_parallel(_write_photos, n, root, chunk=500)
+    return finish_collection(root, marker, want, written, n, t0)
+
+
+def _photo_files(input_dir: str) -> list[tuple[str, int]]:
+    """(path, label index) of every file, sorted; labels = sorted folder names."""
+    labels = sorted(os.listdir(input_dir))
+    return [
+        (os.path.join(input_dir, lab, f), i)
+        for i, lab in enumerate(labels)
+        for f in sorted(os.listdir(os.path.join(input_dir, lab)))
+    ]
+
+
+def _photo_example(path: str, label: int, draft: bool) -> bytes:
+    """What a user writes: open, (draft,) RGB, centre-crop + resize, tf.train.Example."""
+    import tensorflow as tf
+    from PIL import Image, ImageOps
+
+    side = PHOTO_SIDE
+    with Image.open(path) as img:
+        if draft:
+            img.draft("RGB", (side, side))  # DCT scaling, never below the requested size
+        rgb = ImageOps.fit(img.convert("RGB"), (side, side), Image.Resampling.BILINEAR)
+    arr = np.asarray(rgb)
+
+    def feature(value):
+        if isinstance(value, bytes):
+            return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    values = {"image": arr.tobytes(), "height": side, "width": side, "channels": 3,
+              "key": path.encode(), "label": label}  # fmt: skip
+    features = tf.train.Features(feature={k: feature(v) for k, v in values.items()})
+    return tf.train.Example(features=features).SerializeToString()
+
+
+def _photo_shard(task: tuple[list[tuple[str, int]], str, bool]) -> int:
+    """One Pool task: a chunk of files -> its own TFRecord file."""
+    import tensorflow as tf
+
+    files, output, draft = task
+    with tf.io.TFRecordWriter(output) as writer:
+        for path, label in files:
+            writer.write(_photo_example(path, label, draft))
+    return len(files)
+
+
+def photo_script(input_dir: str, output: str, kind: str) -> dict:
+    """The hand-written contenders: 'plain' (one process, one TFRecord file, full decode),
+    'pool_full' / 'pool_draft' (multiprocessing.Pool(cores), tasks of 500 files, each
+    writing its own shard OUTPUT-KKKKK, full or draft decode)."""
+    import tensorflow as tf  # imported before the fork, as a script would at its top
+
+    files = _photo_files(input_dir)
+    if kind == "plain":
+        with tf.io.TFRecordWriter(output) as writer:
+            for path, label in files:
+                writer.write(_photo_example(path, label, draft=False))
+        return {"examples": len(files)}
+    draft = kind == "pool_draft"
+    tasks = [
+        (files[s : s + 500], f"{output}-{s // 500:05d}", draft) for s in range(0, len(files), 500)
+    ]
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        return {"examples": sum(pool.imap_unordered(_photo_shard, tasks))}
+
+
+def run_photo_script(input_dir: Path, n: int, workdir: Path, name: str, kind: str) -> dict:
+    out = workdir / "out" / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [sys.executable, os.path.abspath(__file__), "--photo-script", kind,
+           "--plain-input", str(input_dir), "--plain-output", str(out / "data")]  # fmt: skip
+    log(f"{name}: {n} photos ...")
+    m = measure(cmd, workdir / "logs", name)
+    examples = json.loads(m["stdout"].strip().splitlines()[-1])["examples"]
+    shutil.rmtree(out, ignore_errors=True)
+    return _result(n, m, examples, 0, examples)
+
+
+def run_sae_photos(input_dir: Path, n: int, workers: int, workdir: Path, name: str) -> dict:
+    log(f"{name}: {n} photos ...")
+    side = f"{PHOTO_SIDE}x{PHOTO_SIDE}"
+    job = ["preprocess", "--input", str(input_dir), "--resize", side, "--channels", "3"]
+    m, out = measure_sae_job(job, workers, workdir, name)
+    manifest = json.loads((out / "manifest.json").read_text())
+    examples = sum(s["num_examples"] for s in manifest["splits"].values())
+    shutil.rmtree(out, ignore_errors=True)
+    return _result(n, m, examples, manifest["num_errors"], manifest["num_inputs"])
+
+
+def draft_psnr(input_dir: Path, sample: int) -> dict:
+    """PSNR of the job's default decode (DCT-downscaled) against --exact-decode, over every
+    pixel of `sample` photos spread over the collection, and of the worst photo."""
+    from preprocessing import images
+
+    files = _photo_files(str(input_dir))
+    files = files[:: max(1, len(files) // sample)][:sample]
+    sq_err, worst = [], float("inf")
+    for path, _ in files:
+        data = Path(path).read_bytes()
+        fast = images.decode_resized(data, 3, PHOTO_SIDE, PHOTO_SIDE, "crop", exact=False)
+        exact = images.decode_resized(data, 3, PHOTO_SIDE, PHOTO_SIDE, "crop", exact=True)
+        mse = float(np.mean((fast.astype(np.float64) - exact) ** 2))
+        sq_err.append(mse)
+        worst = min(worst, 10 * np.log10(255.0**2 / max(mse, 1e-12)))
+    overall = 10 * np.log10(255.0**2 / max(float(np.mean(sq_err)), 1e-12))
+    return {"photos": len(files), "psnr_db": round(overall, 2), "worst_psnr_db": round(worst, 2)}
+
+
+def report_head(benchmark: str, images: int, sizes: list[int], image: str) -> dict:
+    """The report's first fields, with empty `generate_seconds` and `runs` to fill."""
+    return {
+        **start_report(benchmark, ["tensorflow", "apache-beam", "pillow"]),
+        "images_1x": images,
+        "sizes": sizes,
+        "image": image,
+        "generate_seconds": {},
+        "runs": {},
+    }
+
+
+def main_photo(args) -> dict:
+    """Photo mode: contenders interleaved at 1x, sae_2w again at each other size."""
+    sizes = [1] if args.skip_4x else args.sizes
+    with open_workdir(args, "preprocess_bench-", scratch="out") as workdir:
+        image = f"JPEG photos 320-960 px (q90) -> {PHOTO_SIDE}x{PHOTO_SIDE}x3, crop"
+        report = report_head("preprocess-photos", args.images, sizes, image)
+        collections = {}
+        for k in sizes:
+            collections[k], secs = make_photo_collection(workdir, args.images, copies=k)
+            report["generate_seconds"][f"{k}x"] = secs
+        one, n1 = collections[1], args.images
+        sizes_kb = [os.path.getsize(p) / 1e3 for p, _ in _photo_files(str(one))]
+        report["file_kb_median"] = round(float(np.median(sizes_kb)), 1)
+        report["draft_quality"] = draft_psnr(one, min(n1, 1000))
+        warm_page_cache(one)
+        contenders = {
+            "plain_loop@1x": lambda name: run_photo_script(one, n1, workdir, name, "plain"),
+            "pool_full@1x": lambda name: run_photo_script(one, n1, workdir, name, "pool_full"),
+            "pool_draft@1x": lambda name: run_photo_script(one, n1, workdir, name, "pool_draft"),
+            "sae_1w@1x": lambda name: run_sae_photos(one, n1, 1, workdir, name),
+            "sae_2w@1x": lambda name: run_sae_photos(one, n1, 2, workdir, name),
+        }
+        runs = report["runs"]
+        repeated = run_interleaved(contenders, args.repeats)
+        runs.update({name: median_run(rs) for name, rs in repeated.items()})
+        for k in sizes[1:]:
+            warm_page_cache(collections[k])
+            n = k * args.images
+            runs[f"sae_2w@{k}x"] = run_sae_photos(collections[k], n, 2, workdir, f"sae_2w@{k}x")
+            runs[f"pool_draft@{k}x"] = run_photo_script(
+                collections[k], n, workdir, f"pool_draft@{k}x", "pool_draft"
+            )
+    sae = runs["sae_2w@1x"]["images_per_s"]
+    targets: dict = {}
+    for other, want in PHOTO_TARGETS.items():
+        got = ratio(sae, runs[f"{other}@1x"]["images_per_s"])
+        report[f"speedup_2w_vs_{other}"] = got
+        targets[f"speedup_2w_vs_{other}_min"] = want
+        targets[f"speedup_2w_vs_{other}_pass"] = got >= want
+    report["scaling_2w_vs_1w"] = ratio(sae, runs["sae_1w@1x"]["images_per_s"])
+    memory, memory_targets = memory_ratios(runs, sizes[-1], "pool_draft")
+    report.update(memory)
+    report["targets"] = {
+        **targets,
+        **memory_targets,
+        "all_processed": all(r["all_processed"] for r in runs.values()),
+    }
+    return report
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Images/s and peak memory of `sae preprocess` (DirectRunner, 1 and 2 "
         "workers) vs a plain single-process loop, on small PNG/JPEG files. JSON on stdout.",
     )
-    p.add_argument("--images", type=int, default=50_000, help="files at size 1x (default: 50000)")
+    p.add_argument(
+        "--mode",
+        choices=("tiny", "photo"),
+        default="tiny",
+        help="tiny: 28x28 PNG/JPEG files; photo: 320-960 px JPEG photos resized to 64x64x3 "
+        "against hand-written Pool scripts (default: tiny)",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        help="files at size 1x (default: 50000 tiny, 20000 photo)",
+    )
     p.add_argument(
         "--sizes",
         type=multipliers,
@@ -260,6 +538,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-input", help=argparse.SUPPRESS)
     p.add_argument("--plain-output", help=argparse.SUPPRESS)
     p.add_argument("--plain-encoder", default="tf", choices=("tf", "sae"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--photo-script", choices=("plain", "pool_full", "pool_draft"), help=argparse.SUPPRESS
+    )
     return p
 
 
@@ -269,21 +550,25 @@ def main(argv: list[str] | None = None) -> int:
         out = plain_loop(args.plain_input, args.plain_output, args.plain_encoder)
         print(json.dumps(out), flush=True)
         return 0
+    if args.photo_script:
+        out = photo_script(args.plain_input, args.plain_output, args.photo_script)
+        print(json.dumps(out), flush=True)
+        return 0
+    if args.images is None:
+        args.images = 20_000 if args.mode == "photo" else 50_000
     if args.images < 1:
         raise SystemExit("--images must be >= 1")
-    sizes = [1] if args.skip_4x else args.sizes
     sae_command()  # fail before any work when it is missing
+    if args.mode == "photo":
+        t_start = time.perf_counter()
+        finish_report(main_photo(args), t_start, args.out)
+        return 0
+    sizes = [1] if args.skip_4x else args.sizes
 
     with open_workdir(args, "preprocess_bench-", scratch="out") as workdir:
         t_start = time.perf_counter()
-        report: dict = {
-            **start_report("preprocess", ["tensorflow", "apache-beam", "pillow"]),
-            "images_1x": args.images,
-            "sizes": sizes,
-            "image": f"{SIDE}x{SIDE} grey, half PNG half JPEG, 10 class folders",
-            "generate_seconds": {},
-            "runs": {},
-        }
+        image = f"{SIDE}x{SIDE} grey, half PNG half JPEG, 10 class folders"
+        report = report_head("preprocess", args.images, sizes, image)
         collections = {}
         for k in sizes:
             n = k * args.images
