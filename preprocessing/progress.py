@@ -120,9 +120,8 @@ def running(
             printer.start()
         try:
             result = p.run()
-            job_id = getattr(result, "job_id", None)
-            if callable(job_id) and not local:
-                print(f"{job}: submitted job {job_id()}", flush=True)
+            if not local:
+                print_job(job, options, result)
             result.wait_until_finish()
         finally:
             stop.set()
@@ -131,6 +130,21 @@ def running(
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def print_job(job: str, options: PipelineOptions, result) -> None:
+    """The remote job's id (and, on Dataflow, its console page), when the result has one."""
+    job_id = getattr(result, "job_id", None)
+    if not callable(job_id):
+        return
+    o = options.get_all_options()
+    where = ""
+    if o.get("runner") == "DataflowRunner":
+        where = (
+            f": https://console.cloud.google.com/dataflow/jobs/{o.get('region')}/"
+            f"{job_id()}?project={o.get('project')}"
+        )
+    print(f"{job}: submitted job {job_id()}{where}", flush=True)
 
 
 def _print_every(folder: str, job: str, unit: str, stop: threading.Event) -> None:
