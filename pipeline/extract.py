@@ -34,12 +34,22 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import feature_records as fr
 from pipeline import models
-from preprocessing import decode, exiting, progress, records, sharding, sources, wire
-from preprocessing import job as preprocess_job
+from preprocessing import (
+    decode,
+    exiting,
+    images,
+    jobkit,
+    progress,
+    records,
+    sharding,
+    sources,
+    wire,
+)
 from preprocessing import manifest as manifest_lib
 from preprocessing.decode import Example
 from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
 from preprocessing.manifest import ERRORS_FILE, MANIFEST_NAME, absolute, join
+from trainer.config import dead_units
 
 STAGING_PREFIX = ".staging-"
 FORMATS = ("tfrecord", "parquet")
@@ -209,7 +219,7 @@ class Finalize(beam.DoFn):
         count, hist, kept, act_sum = stats or (0, np.zeros(dim + 1), np.zeros(dim), np.zeros(dim))
         rates = kept / max(count, 1)
         mean_act = act_sum / max(count, 1)
-        dead = np.flatnonzero(mean_act < 0.1 * header["model_rho"]).tolist()
+        dead = np.flatnonzero(dead_units(mean_act, header["model_rho"])).tolist()
         _swap_in(self.staging, self.out)
         files = [k for k in ("tfrecord", "parquet") if k in header["formats"]]
         shard_list = [
@@ -232,7 +242,7 @@ class Finalize(beam.DoFn):
             "dead_fraction": len(dead) / dim,
             "shards": shard_list,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "package_version": preprocess_job.package_version(),
+            "package_version": jobkit.package_version(),
         }
         sharding.write_atomically(
             join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()]
@@ -310,7 +320,7 @@ def make_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--aspect",
-        choices=("squash", "crop", "pad"),
+        choices=images.RESIZE_MODES,
         default="crop",
         help="raw images: how resizing to the model's input handles aspect ratio",
     )
@@ -336,20 +346,10 @@ def make_parser() -> ArgumentParser:
     return p
 
 
-def _check_output(out: str, overwrite: bool) -> None:
-    existing = FileSystems.match([join(out, "**")])[0].metadata_list
-    if existing and not overwrite:
-        raise UserError(
-            f"output {out} is not empty ({len(existing)} files); choose another --output or "
-            "pass --overwrite to replace it (the old set stays readable until the new one is "
-            "complete)"
-        )
-
-
 def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the features manifest."""
     args, beam_args = make_parser().parse_known_args(argv)
-    preprocess_job.configure_logging(args.verbose)
+    jobkit.configure_logging(args.verbose)
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not formats or set(formats) - set(FORMATS):
         raise UserError(f"invalid --format {args.format!r}: use tfrecord, parquet or both")
@@ -361,7 +361,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     rho = float(info["config"]["rho"])
     kind, value = parse_sparsify(args.sparsify, rho)
     out = absolute(args.output.rstrip("/"))
-    _check_output(out, args.overwrite)
+    # Nothing is deleted here: the new set replaces the old one only when complete.
+    jobkit.refuse_non_empty(out, args.overwrite)
     staging = join(out, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
 
     is_dataset = FileSystems.exists(join(args.data, MANIFEST_NAME))
@@ -377,13 +378,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "formats": list(formats),
         "source": args.data,
     }
-    options = PipelineOptions(preprocess_job.default_beam_args(beam_args))
+    options = PipelineOptions(jobkit.default_beam_args(beam_args))
     print(
         f"extract: {args.data} -> {out} with {export_dir} ({header['sparsify']}, "
-        f"runner {progress.describe_runner(options)})",
+        f"runner {jobkit.describe_runner(options)})",
         flush=True,
     )
-    with progress.running(options, "extract", "rows", args.quiet) as (p, reporter):
+    with jobkit.running(options, "extract", "rows", args.quiet) as (p, reporter):
         if is_dataset:
             data = manifest_lib.load(absolute(args.data))
             if data.image_shape != shape:

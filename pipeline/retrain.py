@@ -29,6 +29,7 @@ import numpy as np
 from pipeline import models
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import MANIFEST_NAME, join
+from trainer.config import dead_units
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def evaluate_export(
     return {
         "reconstruction": 0.5 * sq / count,
         "mean_rho_hat": float(rho_hat.mean()),
-        "dead_fraction": float((rho_hat < 0.1 * rho).mean()),
+        "dead_fraction": float(dead_units(rho_hat, rho).mean()),
         "rho": rho,
         "examples": count,
     }

@@ -60,9 +60,9 @@ def _read_json(path: str) -> dict:
 
 def _leftovers(path: str) -> list[str]:
     """['--overwrite'] when an interrupted stage left files behind (its manifest is missing)."""
-    import tensorflow as tf
+    from preprocessing import jobkit
 
-    return ["--overwrite"] if tf.io.gfile.exists(path) and tf.io.gfile.listdir(path) else []
+    return ["--overwrite"] if jobkit.existing_files(path) else []
 
 
 def _beam_args(passthrough: list[str]) -> list[str]:

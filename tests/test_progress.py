@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from preprocessing import job, progress
+from preprocessing import job, jobkit, progress
 from tests.collections import image_bytes
 
 LINE = re.compile(r"^preprocess: (\d+)/(\d+|\?) images( \(\d+%\))?, \d+ images/s(, ETA \d+ s)?$")
@@ -87,9 +87,9 @@ def test_a_remote_job_prints_its_id_and_dataflow_its_console_page(capsys):
             return "2026-12-01_07_00_00-123"
 
     flags = ["--runner=DataflowRunner", "--project=p", "--region=us-central1"]
-    progress.print_job("preprocess", progress.PipelineOptions(flags), Result())
-    progress.print_job("extract", progress.PipelineOptions(["--runner=FlinkRunner"]), Result())
-    progress.print_job("extract", progress.PipelineOptions([]), object())  # no id: nothing
+    jobkit.print_job("preprocess", jobkit.PipelineOptions(flags), Result())
+    jobkit.print_job("extract", jobkit.PipelineOptions(["--runner=FlinkRunner"]), Result())
+    jobkit.print_job("extract", jobkit.PipelineOptions([]), object())  # no id: nothing
     assert capsys.readouterr().out.splitlines() == [
         "preprocess: submitted job 2026-12-01_07_00_00-123: https://console.cloud.google.com"
         "/dataflow/jobs/us-central1/2026-12-01_07_00_00-123?project=p",

@@ -46,6 +46,16 @@ Normalization = Literal["unit", "ufldl_patches"]
 Optimizer = Literal["adam", "sgd"]
 
 
+# A unit is dead when its mean activation over a split is below DEAD_FACTOR * rho.
+DEAD_FACTOR = 0.1
+
+
+def dead_units(rho_hat, rho: float):
+    """rho_hat [s] (NumPy or TF: mean activation of each unit over a split) -> bool [s]:
+    the units that (almost) never fire, as every report and gate counts them."""
+    return rho_hat < DEAD_FACTOR * rho
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # Image shape (H, W, C) the model expects. Must equal the dataset manifest's image_shape

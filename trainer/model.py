@@ -26,9 +26,8 @@ import keras
 import tensorflow as tf
 
 from trainer import losses
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, dead_units
 
-DEAD_FACTOR = 0.1  # a unit is dead when rho_hat_j < DEAD_FACTOR * rho
 SATURATED_RHO_HAT = 0.9  # a unit is saturated when rho_hat_j > this
 L0_THRESHOLD = 0.5  # an activation counts as "on" above this
 
@@ -348,7 +347,7 @@ class UnitStatistics(keras.metrics.Metric):
         rho_hat = self.unit_rho_hat()
         variance = self.x_sq_sum - tf.reduce_sum(tf.square(self.x_sum)) / tf.maximum(self.count, 1)
         return {
-            "dead_fraction": _fraction(rho_hat < DEAD_FACTOR * self.rho),
+            "dead_fraction": _fraction(dead_units(rho_hat, self.rho)),
             "saturated_fraction": _fraction(rho_hat > SATURATED_RHO_HAT),
             "l0": tf.math.divide_no_nan(self.active, self.count),
             "fraction_variance_explained": 1.0 - tf.math.divide_no_nan(self.sq_error, variance),
