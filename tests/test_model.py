@@ -286,6 +286,27 @@ def test_eval_statistics_match_numpy(digits):
     assert got["reconstruction"] == pytest.approx(0.5 * np.sum((x - x_hat) ** 2) / len(x), 1e-4)
 
 
+def test_eval_kl_and_cost_are_the_whole_splits_whatever_the_batch_size(digits):
+    """UFLDL's J on a split uses the split's rho_hat: the same for any eval batching."""
+    cfg = apply_overrides(preset("digits"), ["rho=0.3"])
+    model = build_model(cfg)
+    ds = tf.data.Dataset.from_tensor_slices(digits)
+    by = {b: evaluate_metrics(model, ds.batch(b)) for b in (128, len(digits))}
+    a = model.encode(digits).numpy().astype(np.float64)
+    rho_hat = np.clip(a.mean(axis=0), cfg.eps, 1 - cfg.eps)
+    rho = cfg.rho
+    kl = np.sum(rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat)))
+    for got in by.values():
+        assert got["sparsity"] == pytest.approx(cfg.beta * kl, rel=1e-5)
+        parts = got["reconstruction"] + got["weight_decay"] + got["sparsity"]
+        assert got["loss"] == pytest.approx(parts, rel=1e-6)
+    # One batch of the whole split: the batch mean is the split value; 128s are not
+    # (the KL of a mean is below the mean of the batches' KLs: KL is convex in rho_hat).
+    whole = by[len(digits)]
+    assert whole["sparsity_batch_mean"] == pytest.approx(whole["sparsity"], rel=1e-5)
+    assert by[128]["sparsity_batch_mean"] > by[128]["sparsity"] * (1 + 1e-4)
+
+
 # -- interface ---------------------------------------------------------------------------
 
 

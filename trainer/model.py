@@ -392,12 +392,27 @@ def evaluate_metrics(model: SparseAutoencoder, dataset) -> dict:
     """Final eval values over all of the (finite) `dataset`, as plain floats.
 
     Keys: loss, reconstruction, weight_decay, sparsity, [l1_activity], mean_rho_hat,
-    dead_fraction, saturated_fraction, l0, fraction_variance_explained, eval_examples.
-    The per-unit rho_hat is then `model.unit_rho_hat()`.
+    dead_fraction, saturated_fraction, l0, fraction_variance_explained, eval_examples,
+    loss_batch_mean, sparsity_batch_mean. The per-unit rho_hat is then
+    `model.unit_rho_hat()`.
+
+    `sparsity` and `loss` are UFLDL's J over the whole split: the KL term of the split's
+    rho_hat (its mean activations), so they do not depend on the eval batch size. The KL
+    of a mean is not the mean of batch KLs (it is convex in rho_hat): the mean over
+    batches, each with its own rho_hat, is kept as `*_batch_mean`. The other terms are
+    linear in the examples, so their example-weighted batch means are the split's values.
     """
+    cfg = model.config
     logs = model.evaluate(dataset, return_dict=True, verbose=0)
     out = {k: float(v) for k, v in logs.items()}
     out["eval_examples"] = int(model.unit_stats.count.numpy()) // _replicas_in(model)
+    rho_hat = tf.cast(model.unit_rho_hat(), tf.float64)
+    kl = tf.reduce_sum(losses.kl_divergence(cfg.rho, rho_hat, cfg.eps))
+    out["loss_batch_mean"] = out["loss"]
+    out["sparsity_batch_mean"] = out["sparsity"]
+    out["sparsity"] = cfg.beta * float(kl)
+    linear = ("reconstruction", "weight_decay", "l1_activity")
+    out["loss"] = sum(out.get(k, 0.0) for k in linear) + out["sparsity"]
     return out
 
 
