@@ -89,6 +89,18 @@ class TrainConfig:
     #                    (all-reduced across replicas; it converges to the whole-set value and
     #                    needs nothing from the manifest). Inference uses the stored value.
     normalization: Normalization = "unit"
+    # Train on random patch_size x patch_size windows of the dataset's images instead of whole
+    # images (0 = off: the image is the model input). input_shape is then the window,
+    # (K, K, C), and the images may be of any size >= K. Each step takes one window of every
+    # image in its global batch, at offsets drawn by a stateless RNG from (seed, step), so the
+    # stream stays a pure function of (dataset, seed) and resuming stays exact. The export's
+    # `encode_map` then encodes every window of whole images (trainer/conv.py).
+    patch_size: int = 0
+    # ZCA whitening of the inputs after the `unit` normalization, as in UFLDL's linear-decoder
+    # exercise: x' = (x - mean) U diag(1 / sqrt(lambda + zca_epsilon)) U^T, with mean, U and
+    # lambda from the first ZCA_SAMPLES training inputs (trainer/train.py), stored in the model
+    # (checkpoints, export). 0 = off. Whitened inputs are not in [0, 1]: use decoder=linear.
+    zca_epsilon: float = 0.0
     # Optimizer (UFLDL used full-batch L-BFGS; minibatch Adam is the scalable default).
     optimizer: Optimizer = "adam"
     learning_rate: float = 1e-2
@@ -137,6 +149,19 @@ class TrainConfig:
             (c.eval_batches >= 0, "eval_batches", "an integer >= 0 (0 = whole split)"),
             (c.steps_per_execution >= 1, "steps_per_execution", "an integer >= 1"),
             (0.0 < c.eps < 0.5, "eps", "a float in (0, 0.5)"),
+            (c.patch_size >= 0, "patch_size", "an integer >= 0 (0 = whole images)"),
+            (
+                not c.patch_size or c.input_shape[:2] == (c.patch_size, c.patch_size),
+                "patch_size",
+                f"the window size of input_shape (now {'x'.join(map(str, c.input_shape))}); "
+                f"set input_shape={c.patch_size},{c.patch_size},C too",
+            ),
+            (c.zca_epsilon >= 0.0, "zca_epsilon", "a float >= 0 (0 = no whitening)"),
+            (
+                not c.zca_epsilon or c.normalization == "unit",
+                "zca_epsilon",
+                "0 with normalization=ufldl_patches (ZCA whitening follows the unit one)",
+            ),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -212,7 +237,13 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     "mnist": TrainConfig(
         input_shape=(28, 28, 1), hidden=196, rho=0.1, beta=3.0, weight_decay=3e-3,
-        learning_rate=3e-3, global_batch_size=1024, epochs=30, checkpoint_every_steps=500,
+        learning_rate=3e-3, global_batch_size=256, epochs=30, steps_per_epoch=100,
+        checkpoint_every_steps=1000,
+    ),
+    "mnist-conv": TrainConfig(
+        input_shape=(8, 8, 1), patch_size=8, hidden=400, rho=0.05, beta=3.0, weight_decay=3e-3,
+        learning_rate=3e-3, global_batch_size=1024, epochs=30, steps_per_epoch=100,
+        checkpoint_every_steps=1000,
     ),
     "natural-patches": TrainConfig(
         input_shape=(8, 8, 1), hidden=25, rho=0.01, beta=3.0, weight_decay=1e-4,
