@@ -33,7 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import feature_records as fr
-from pipeline import models
+from pipeline import models, pooled
 from preprocessing import exiting, images, records, sharding, sources, wire
 from preprocessing import job as preprocess_job
 from preprocessing import manifest as manifest_lib
@@ -116,14 +116,21 @@ class Encode(beam.DoFn):
     """A batch of (key, pixels, label, split) -> one list of ("features", key, serialized
     feature record), plus partial statistics to 'stats'."""
 
-    def __init__(self, export_dir: str, kind: str, value: float):
+    def __init__(
+        self, export_dir: str, kind: str, value: float, pooling: pooled.Pooling | None = None
+    ):
         self.export_dir, self.kind, self.value = export_dir, kind, value
+        self.pooling = pooling
 
     def setup(self):
         import tensorflow as tf
 
         self._tf = tf
-        self._encode = tf.saved_model.load(self.export_dir).signatures["encode"]
+        # Kept: a tf.function over a signature does not keep the model's variables alive.
+        self._model = tf.saved_model.load(self.export_dir)
+        self._encode = self._model.signatures["encode"]
+        if self.pooling:  # whole images -> pooled activation maps (pipeline/pooled.py)
+            self._encode = pooled.pooled_encoder(self._model.signatures["encode_map"], self.pooling)
         exiting.skip_teardown_at_worker_exit()
 
     def process(self, batch):
@@ -311,6 +318,22 @@ def make_parser() -> ArgumentParser:
         default="crop",
         help="raw images: how resizing to the model's input handles aspect ratio",
     )
+    p.add_argument(
+        "--pool",
+        metavar="GRID",
+        help="convolutional features: encode every window of each whole image with a patch "
+        "model and pool the maps over a GRID of regions, e.g. 2x2 (G*G*hidden values per "
+        "image; needs a `sae preprocess` output as --data)",
+    )
+    p.add_argument(
+        "--pool-op",
+        choices=pooled.POOL_OPS,
+        default="mean",
+        help="with --pool: how each region is reduced (default: mean)",
+    )
+    p.add_argument(
+        "--stride", type=int, default=1, help="with --pool: window step in pixels (default: 1)"
+    )
     sharding.add_arguments(p, "feature")
     p.add_argument(
         "--max-error-fraction",
@@ -351,6 +374,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     shape = tuple(info["image_shape"])
     rho = float(info["config"]["rho"])
     kind, value = parse_sparsify(args.sparsify, rho)
+    pooling = None
+    if args.pool:
+        pooling = pooled.pooling_of(
+            args.pool, args.pool_op, args.stride, shape, int(info["config"]["hidden"])
+        )
     out = args.output.rstrip("/")
     _check_output(out, args.overwrite)
     staging = join(out, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
@@ -363,17 +391,27 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "model_export": export_dir,
         "model_version": version,
         "model_rho": rho,
-        "dim": int(info["config"]["hidden"]),
+        "dim": pooling.dim if pooling else int(info["config"]["hidden"]),
         "sparsify": "none" if kind == "none" else f"{kind}:{value:g}",
         "formats": list(formats),
         "source": args.data,
     }
+    if pooling:
+        header["pooling"] = {"grid": pooling.grid, "op": pooling.op, "stride": pooling.stride}
+        if not is_dataset:
+            raise UserError(
+                f"--pool reads whole images of a `sae preprocess` output; {args.data} has no "
+                f"manifest: run `sae preprocess --input {args.data}` first"
+            )
     options = PipelineOptions(preprocess_job.default_beam_args(beam_args))
     print(f"extract: {args.data} -> {out} with {export_dir} ({header['sparsify']})", flush=True)
     with beam.Pipeline(options=options) as p:
         if is_dataset:
             data = manifest_lib.load(args.data)
-            if data.image_shape != shape:
+            if pooling:  # any image size the windows and the grid fit; records must be it
+                pooled.check_fits(pooling, data.image_shape, shape)
+                shape = data.image_shape
+            elif data.image_shape != shape:
                 raise UserError(
                     f"dataset {args.data} holds {'x'.join(map(str, data.image_shape))} images "
                     f"but the model at {export_dir} takes {'x'.join(map(str, shape))}; use a "
@@ -423,9 +461,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
             errors = decoded.errors
             count = expected = decoded.num_inputs
             header["label_names"] = None  # filled below from the decoded labels
-        encoded = batches | "Encode" >> beam.ParDo(Encode(export_dir, kind, value)).with_outputs(
-            "stats", main="features"
-        )
+        encoded = batches | "Encode" >> beam.ParDo(
+            Encode(export_dir, kind, value, pooling)
+        ).with_outputs("stats", main="features")
         # Sized for the dense worst case (every unit kept): ~6 bytes per unit plus the key.
         row_bytes = 6 * header["dim"] + 100
         num_shards = expected | "NumShards" >> beam.Map(
