@@ -14,9 +14,15 @@ Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value 
                    about 85% of the variance is explained, and a linear probe on the sparse
                    features is as accurate as on the raw pixels (README).
   mnist            The UFLDL exercise: 28x28 MNIST, 784 -> 196, rho 0.1, lambda 3e-3, beta 3
-                   (pixels / 255); about 1,750 Adam steps at global batch 1024 (about a minute
-                   on 2 CPU cores). Expected: pen-stroke detectors; the UFLDL self-taught
-                   exercise reports 98.3% softmax accuracy on such features (784 -> 200).
+                   (pixels / 255); 3,000 Adam steps at global batch 256, about 200 passes over
+                   builtin:mnist's 3,748 train images (--eval-fraction 0.25). Measured
+                   2026-12-01 on 2 shared cores: 105 s for the command, eval mean rho_hat 0.106,
+                   no dead units, 66% of the variance explained; the filters are mostly whole
+                   digit templates with some stroke pieces, not UFLDL's pen strokes yet (that
+                   exercise had 10,000 images and L-BFGS). Still to tune.
+  mnist-conv       8x8 windows of builtin:mnist (patch_size 8), 64 -> 400, rho 0.05, lambda 3e-3;
+                   3,000 steps at global batch 1024. Measured 2026-12-01: 111 s, eval mean
+                   rho_hat 0.052, 19% of the variance explained: under-fit, still to tune.
   natural-patches  The UFLDL sparseae exercise: 10k random 8x8 patches of natural images,
                    64 -> 25, rho 0.01, lambda 1e-4, beta 3, `ufldl_patches` normalization,
                    sigmoid decoder; 10k Adam steps on 10k patches (under a minute on 2 CPU
