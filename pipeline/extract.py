@@ -302,7 +302,7 @@ def make_parser() -> ArgumentParser:
         "--sparsify",
         default="default",
         help="threshold:T keeps activations >= T; topk:K keeps the K largest; none "
-        "keeps all (default: threshold at the model's rho)",
+        "keeps all (default: threshold at the model's rho; none with --pool)",
     )
     p.add_argument(
         "--batch-size", type=int, default=256, help="max examples per encode call (default: 256)"
@@ -373,7 +373,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     info = models.export_info(export_dir)
     shape = tuple(info["image_shape"])
     rho = float(info["config"]["rho"])
-    kind, value = parse_sparsify(args.sparsify, rho)
+    # A pooled value is a unit's mean rate over a region, not one activation: a threshold at
+    # rho keeps about half of them and drops what tells the regions apart (pipeline/pooled.py).
+    pooled_default = args.pool and args.sparsify == "default"
+    kind, value = parse_sparsify("none" if pooled_default else args.sparsify, rho)
     pooling = None
     if args.pool:
         pooling = pooled.pooling_of(

@@ -7,8 +7,10 @@ The model's `encode_map` signature encodes every KxK window of each image at str
 a map [H', W', s] (trainer/conv.py); the map is split into a G x G grid of regions and each
 region is reduced per unit (mean, max or sum), giving one vector of G*G*s values per image,
 ordered (grid row, grid column, unit). It is then sparsified and written like `encode`'s
-activations. With the default sparsifier (threshold at rho) and mean pooling, a value is kept
-when the unit fired above its target rate on average over its region.
+activations, but the default with --pool is `--sparsify none`: a mean-pooled value is a unit's
+average rate over a region, and thresholding it at rho keeps about half of the values and
+loses what tells the regions apart (builtin:mnist, the untuned mnist-conv model: linear probe
+0.79 on the dense pooled features, 0.47 after `threshold:rho`). Pass --sparsify to choose.
 
 Memory: a map is pooled inside the batch that made it, and a batch goes to `encode_map` in
 chunks of at most MAX_MAP_VALUES map values, so the peak stays bounded whatever the image
