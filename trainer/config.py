@@ -20,9 +20,15 @@ Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value 
                    no dead units, 66% of the variance explained; the filters are mostly whole
                    digit templates with some stroke pieces, not UFLDL's pen strokes yet (that
                    exercise had 10,000 images and L-BFGS). Still to tune.
-  mnist-conv       8x8 windows of builtin:mnist (patch_size 8), 64 -> 400, rho 0.05, lambda 3e-3;
-                   3,000 steps at global batch 1024. Measured 2026-12-01: 111 s, eval mean
-                   rho_hat 0.052, 19% of the variance explained: under-fit, still to tune.
+  mnist-conv       8x8 windows of builtin:mnist (patch_size 8), 64 -> 400, rho 0.05, beta 3,
+                   lambda 1e-4, Adam at 1e-2; 3,000 steps at global batch 1024 (one random
+                   window per image per step). Measured 2026-12-01 on 2 shared cores: 92 s for
+                   the command, eval mean rho_hat 0.050, no dead units, 86% of the variance
+                   explained; filters are stroke pieces and noise-like unused tiles. Pooled
+                   2x2 (`sae extract --pool 2x2`) the features reach about 0.97 linear-probe
+                   accuracy on the eval split (README). At Adam 3e-3 and lambda 3e-3 (or 3e-4)
+                   the encoder barely left its initialization in 3,000 steps (18-19% explained,
+                   grey filters; probe 0.79 on the pooled features).
   natural-patches  The UFLDL sparseae exercise: 10k random 8x8 patches of natural images,
                    64 -> 25, rho 0.01, lambda 1e-4, beta 3, `ufldl_patches` normalization,
                    sigmoid decoder; 10k Adam steps on 10k patches (under a minute on 2 CPU
@@ -247,8 +253,8 @@ PRESETS: dict[str, TrainConfig] = {
         checkpoint_every_steps=1000,
     ),
     "mnist-conv": TrainConfig(
-        input_shape=(8, 8, 1), patch_size=8, hidden=400, rho=0.05, beta=3.0, weight_decay=3e-3,
-        learning_rate=3e-3, global_batch_size=1024, epochs=30, steps_per_epoch=100,
+        input_shape=(8, 8, 1), patch_size=8, hidden=400, rho=0.05, beta=3.0, weight_decay=1e-4,
+        learning_rate=1e-2, global_batch_size=1024, epochs=30, steps_per_epoch=100,
         checkpoint_every_steps=1000,
     ),
     "natural-patches": TrainConfig(
