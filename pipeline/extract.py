@@ -33,7 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import feature_records as fr
-from pipeline import models
+from pipeline import models, pooled
 from preprocessing import (
     decode,
     exiting,
@@ -127,15 +127,26 @@ class Encode(beam.DoFn):
     """A batch of Examples -> one list of ("features", key, serialized feature record),
     plus partial statistics to 'stats'."""
 
-    def __init__(self, export_dir: str, kind: str, value: float, reporter: progress.Reporter):
+    def __init__(
+        self,
+        export_dir: str,
+        kind: str,
+        value: float,
+        reporter: progress.Reporter,
+        pooling: pooled.Pooling | None = None,
+    ):
         self.export_dir, self.kind, self.value = export_dir, kind, value
-        self.reporter = reporter
+        self.reporter, self.pooling = reporter, pooling
 
     def setup(self):
         import tensorflow as tf
 
         self._tf = tf
-        self._encode = tf.saved_model.load(self.export_dir).signatures["encode"]
+        # Kept: a tf.function over a signature does not keep the model's variables alive.
+        self._model = tf.saved_model.load(self.export_dir)
+        self._encode = self._model.signatures["encode"]
+        if self.pooling:  # whole images -> pooled activation maps (pipeline/pooled.py)
+            self._encode = pooled.pooled_encoder(self._model.signatures["encode_map"], self.pooling)
         exiting.skip_teardown_at_worker_exit()
 
     def process(self, batch):
@@ -308,7 +319,7 @@ def make_parser() -> ArgumentParser:
         "--sparsify",
         default="default",
         help="threshold:T keeps activations >= T; topk:K keeps the K largest; none "
-        "keeps all (default: threshold at the model's rho)",
+        "keeps all (default: threshold at the model's rho; none with --pool)",
     )
     p.add_argument(
         "--batch-size", type=int, default=256, help="max examples per encode call (default: 256)"
@@ -323,6 +334,22 @@ def make_parser() -> ArgumentParser:
         choices=images.RESIZE_MODES,
         default="crop",
         help="raw images: how resizing to the model's input handles aspect ratio",
+    )
+    p.add_argument(
+        "--pool",
+        metavar="GRID",
+        help="convolutional features: encode every window of each whole image with a patch "
+        "model and pool the maps over a GRID of regions, e.g. 2x2 (G*G*hidden values per "
+        "image; needs a `sae preprocess` output as --data)",
+    )
+    p.add_argument(
+        "--pool-op",
+        choices=pooled.POOL_OPS,
+        default="mean",
+        help="with --pool: how each region is reduced (default: mean)",
+    )
+    p.add_argument(
+        "--stride", type=int, default=1, help="with --pool: window step in pixels (default: 1)"
     )
     sharding.add_arguments(p, "feature")
     p.add_argument(
@@ -359,7 +386,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
     info = models.export_info(export_dir)
     shape = tuple(info["image_shape"])
     rho = float(info["config"]["rho"])
-    kind, value = parse_sparsify(args.sparsify, rho)
+    # A pooled value is a unit's mean rate over a region, not one activation: a threshold at
+    # rho keeps about half of them and drops what tells the regions apart (pipeline/pooled.py).
+    pooled_default = args.pool and args.sparsify == "default"
+    kind, value = parse_sparsify("none" if pooled_default else args.sparsify, rho)
+    pooling = None
+    if args.pool:
+        pooling = pooled.pooling_of(
+            args.pool, args.pool_op, args.stride, shape, int(info["config"]["hidden"])
+        )
     out = absolute(args.output.rstrip("/"))
     # Nothing is deleted here: the new set replaces the old one only when complete.
     jobkit.refuse_non_empty(out, args.overwrite)
@@ -373,11 +408,18 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "model_export": export_dir,
         "model_version": version,
         "model_rho": rho,
-        "dim": int(info["config"]["hidden"]),
+        "dim": pooling.dim if pooling else int(info["config"]["hidden"]),
         "sparsify": "none" if kind == "none" else f"{kind}:{value:g}",
         "formats": list(formats),
         "source": args.data,
     }
+    if pooling:
+        header["pooling"] = {"grid": pooling.grid, "op": pooling.op, "stride": pooling.stride}
+        if not is_dataset:
+            raise UserError(
+                f"--pool reads whole images of a `sae preprocess` output; {args.data} has no "
+                f"manifest: run `sae preprocess --input {args.data}` first"
+            )
     options = PipelineOptions(jobkit.default_beam_args(beam_args))
     print(
         f"extract: {args.data} -> {out} with {export_dir} ({header['sparsify']}, "
@@ -387,7 +429,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     with jobkit.running(options, "extract", "rows", args.quiet) as (p, reporter):
         if is_dataset:
             data = manifest_lib.load(absolute(args.data))
-            if data.image_shape != shape:
+            if pooling:  # any image size the windows and the grid fit; records must be it
+                pooled.check_fits(pooling, data.image_shape, shape)
+                shape = data.image_shape
+            elif data.image_shape != shape:
                 raise UserError(
                     f"dataset {args.data}: "
                     + decode.shape_mismatch(
@@ -434,7 +479,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             header["label_names"] = None  # filled below from the decoded labels
         _ = expected | "ReportTotal" >> beam.Map(reporter.set_total)
         encoded = batches | "Encode" >> beam.ParDo(
-            Encode(export_dir, kind, value, reporter)
+            Encode(export_dir, kind, value, reporter, pooling)
         ).with_outputs("stats", main="features")
         # Sized for the dense worst case (every unit kept): ~6 bytes per unit plus the key.
         row_bytes = 6 * header["dim"] + 100

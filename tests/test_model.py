@@ -45,6 +45,8 @@ CASES = {
     "variants": ["normalization=ufldl_patches", "batch_norm=before", "rho_hat_momentum=0.9",
                  "l1_activity=0.01", "tied_weights=true", "decoder=linear", "learning_rate=0.02"],
     "bn_after": ["batch_norm=after"],
+    # Random 4x4 windows of the 8x8 images, drawn per step as trainer.data does, and ZCA.
+    "patches": ["input_shape=4,4,1", "patch_size=4", "zca_epsilon=0.01", "decoder=linear"],
 }
 images = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 1), dtype=np.uint8)
 keys = [f"img-{i}" for i in range(70)]
@@ -55,6 +57,10 @@ def run(strategy, overrides, as_dict, steps_per_execution):
         model = build_model(cfg, steps_per_execution)
     data = {"image": images, "key": keys} if as_dict else images
     ds = tf.data.Dataset.from_tensor_slices(data).batch(cfg.global_batch_size)
+    if cfg.patch_size:
+        from trainer.data import random_patches
+        ds = ds.enumerate().map(lambda i, x: random_patches(x, cfg.patch_size, tf.stack([i, i])))
+        model.fit_zca(images[:, 2:6, 2:6])
     history = model.fit(ds.repeat(), epochs=2, steps_per_epoch=6, verbose=0).history
     return {
         "replicas": strategy.num_replicas_in_sync,
@@ -107,7 +113,7 @@ def _assert_same_run(one: dict, many: dict, replicas: int) -> None:
 
 
 def test_one_and_two_mirrored_replicas_train_identically():
-    result = _result(_run_script(["mirrored", "2", "base,variants,bn_after", "3"]))
+    result = _result(_run_script(["mirrored", "2", "base,variants,bn_after,patches", "3"]))
     for name, (one, two) in result["cases"].items():
         assert one["eval"]["eval_examples"] == 70, name
         _assert_same_run(one, two, replicas=2)

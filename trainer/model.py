@@ -87,6 +87,12 @@ class SparseAutoencoder(keras.Model):
             # Running pooled moments of mean-removed pixels over all training batches.
             self.pixel_sq_sum = self.add_weight((), dtype="float64", name="pixel_sq_sum", **state)
             self.pixel_count = self.add_weight((), dtype="float64", name="pixel_count", **state)
+        if config.zca_epsilon > 0:
+            # Set once by `fit_zca` before training; the identity until then.
+            self.zca_mean = self.add_weight((n,), name="zca_mean", **state)
+            self.zca_matrix = self.add_weight(
+                (n, n), name="zca_matrix", **{**state, "initializer": "identity"}
+            )
         if config.rho_hat_momentum > 0:
             self.rho_hat_ema = self.add_weight((s,), name="rho_hat_ema", **state)
             self.rho_hat_steps = self.add_weight((), name="rho_hat_steps", **state)
@@ -107,7 +113,11 @@ class SparseAutoencoder(keras.Model):
         images = images_of(images)
         dtype = self.compute_dtype
         if self.config.normalization == "unit":
-            return losses.unit_normalize(images, dtype)
+            x = losses.unit_normalize(images, dtype)
+            if self.config.zca_epsilon > 0:
+                flat = tf.reshape(x, [-1, self.num_inputs]) - self.zca_mean
+                x = tf.reshape(tf.matmul(flat, self.zca_matrix), tf.shape(x))
+            return x
         centered = losses.centered(images, dtype)
         batch_sq, batch_count = losses.centered_moments(centered)
         sq, count = self.pixel_sq_sum, self.pixel_count
@@ -120,6 +130,24 @@ class SparseAutoencoder(keras.Model):
             sq = tf.where(untrained, batch_sq, sq)
             count = tf.where(untrained, batch_count, count)
         return losses.ufldl_rescale(centered, std=tf.sqrt(sq / count))
+
+    def fit_zca(self, images) -> None:
+        """Sets the ZCA whitening from uint8 samples [N, H, W, C] (config.zca_epsilon > 0).
+
+        UFLDL's linear-decoder exercise: mean = the mean input, Sigma = the covariance of
+        x - mean, U diag(lambda) U^T = Sigma, Z = U diag(1 / sqrt(lambda + eps)) U^T
+        (symmetric, so rows or columns alike). In float64 NumPy: one eigendecomposition.
+        """
+        import numpy as np
+
+        x = tf.reshape(losses.unit_normalize(images_of(images), tf.float64), [-1, self.num_inputs])
+        x = x.numpy()
+        mean = x.mean(axis=0)
+        centred = x - mean
+        lam, u = np.linalg.eigh(centred.T @ centred / len(x))
+        zca = (u / np.sqrt(np.maximum(lam, 0.0) + self.config.zca_epsilon)) @ u.T
+        self.zca_mean.assign(mean.astype(self.zca_mean.dtype))
+        self.zca_matrix.assign(zca.astype(self.zca_matrix.dtype))
 
     def _forward(self, images, training: bool):
         """Returns x [m, n], a [m, s] (sigmoid outputs), x_hat [m, n]."""

@@ -178,6 +178,23 @@ def _warm_start(model, init_from: str) -> None:
     print(f"train: warm start from {path}", flush=True)
 
 
+ZCA_SAMPLES = 100_000  # inputs the whitening is estimated from (UFLDL's exercise: 100,000)
+
+
+def _fit_zca(model, manifest) -> None:
+    """ZCA whitening from the first training inputs (the stream of step 0 onwards, so every
+    worker computes the same matrix); a resumed run restores it with the checkpoint."""
+    import tensorflow as tf
+
+    from trainer import data
+
+    cfg = model.config
+    batches = -(-ZCA_SAMPLES // cfg.global_batch_size)
+    stream = data.train_stream(manifest, cfg.global_batch_size, cfg.seed, patch_size=cfg.patch_size)
+    model.fit_zca(tf.concat(list(stream.take(batches)), axis=0))
+    print(f"train: ZCA whitening from {batches * cfg.global_batch_size} inputs", flush=True)
+
+
 def _check_config_matches(workdir: str, cfg) -> None:
     import tensorflow as tf
 
@@ -244,7 +261,7 @@ def _train(args: argparse.Namespace) -> dict:
     from trainer import model as model_lib
 
     manifest = manifest_lib.load(args.data)
-    data.check_shape(manifest, cfg.input_shape)
+    data.check_shape(manifest, cfg.input_shape, cfg.patch_size)
     data.check_readable(manifest)
     chief = distribute.is_chief()
     workdir = args.workdir.rstrip("/")
@@ -270,6 +287,8 @@ def _train(args: argparse.Namespace) -> dict:
         ckpt.restore(latest).assert_existing_objects_matched()
     elif args.init_from:
         _warm_start(model, args.init_from)
+    elif cfg.zca_epsilon:
+        _fit_zca(model, manifest)
     step = int(optimizer.iterations.numpy())
     per_epoch = data.steps_per_epoch(manifest, cfg.global_batch_size, cfg.steps_per_epoch)
     total = cfg.epochs * per_epoch
@@ -284,7 +303,9 @@ def _train(args: argparse.Namespace) -> dict:
         flush=True,
     )
 
-    eval_ds = data.eval_dataset(manifest, cfg.global_batch_size)
+    eval_ds = data.eval_dataset(
+        manifest, cfg.global_batch_size, patch_size=cfg.patch_size, seed=cfg.seed
+    )
     if cfg.eval_batches:
         # On the dataset, not validation_steps: Keras would round that up to a whole call.
         eval_ds = eval_ds.take(cfg.eval_batches)
@@ -295,7 +316,13 @@ def _train(args: argparse.Namespace) -> dict:
         # A resumed run first finishes its interrupted epoch, then runs whole epochs.
         while step < total and not _Stop.requested:
             epoch, into = divmod(step, per_epoch)
-            stream = data.train_stream(manifest, cfg.global_batch_size, cfg.seed, start_step=step)
+            stream = data.train_stream(
+                manifest,
+                cfg.global_batch_size,
+                cfg.seed,
+                start_step=step,
+                patch_size=cfg.patch_size,
+            )
             model.fit(
                 stream,
                 initial_epoch=epoch,
@@ -357,7 +384,7 @@ def _train(args: argparse.Namespace) -> dict:
             join(workdir, "filters.png"),
             visualize.png_bytes(visualize.filter_grid(model.w1.numpy(), cfg.input_shape)),
         )
-        batch = next(iter(data.eval_dataset(manifest, 16)))
+        batch = next(iter(data.eval_dataset(manifest, 16, patch_size=cfg.patch_size)))
         x = model.normalize(batch).numpy()
         x_hat = model.reconstruct(batch).numpy()
         _write(
