@@ -162,7 +162,7 @@ def _sigmoid(z):
 
 
 def numpy_eval_cost(images, w1, b1, w2, b2, cfg) -> tuple[float, float]:
-    """UFLDL cost (the README's `sae train` section) in float64 NumPy, from the CS294A notes.
+    """UFLDL cost (docs/design.md, from the CS294A notes) in float64 NumPy.
 
     Over the whole split: rho_hat is the split's mean activation (UFLDL's J on a data set).
     images: uint8 [N, H, W, C]; w1 [n, s]. Returns (J, reconstruction term). Sigmoid
