@@ -25,6 +25,7 @@ import signal
 import time
 from collections.abc import Sequence
 
+from preprocessing import flags
 from preprocessing import manifest as manifest_lib
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import join
@@ -60,7 +61,7 @@ def make_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--cpu-replicas",
-        type=int,
+        type=flags.non_negative_int,
         default=0,
         metavar="N",
         help="split the CPU into N logical devices and mirror over them "
@@ -213,10 +214,17 @@ def _fingerprint(model) -> str:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Trains (or resumes) and returns the final eval metrics."""
     args = make_parser().parse_args(argv)
+    from trainer import config as config_lib
+
+    # Before TensorFlow's import (seconds): bad config and data that lies fail at once.
+    cfg = config_lib.apply_overrides(config_lib.preset(args.preset), args.set)
+    manifest = manifest_lib.load(args.data)
+    _check_shape(manifest, cfg.input_shape)
+    manifest.check_shards()
     import tensorflow as tf
 
     try:
-        return _train(args)
+        return _train(args, cfg, manifest)
     except tf.errors.UnavailableError:
         if "TF_CONFIG" not in os.environ:
             raise
@@ -229,11 +237,18 @@ def run(argv: Sequence[str] | None = None) -> dict:
         ) from None
 
 
-def _train(args: argparse.Namespace) -> dict:
-    from trainer import cluster, distribute
-    from trainer import config as config_lib
+def _check_shape(manifest: manifest_lib.Manifest, input_shape: tuple[int, int, int]) -> None:
+    if tuple(manifest.image_shape) != tuple(input_shape):
+        raise UserError(
+            f"dataset {manifest.root} holds {'x'.join(map(str, manifest.image_shape))} images "
+            f"but the model expects {'x'.join(map(str, input_shape))}; pass "
+            f"--set input_shape={','.join(map(str, manifest.image_shape))} or use another --data"
+        )
 
-    cfg = config_lib.apply_overrides(config_lib.preset(args.preset), args.set)
+
+def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> dict:
+    from trainer import cluster, distribute
+
     cluster.ensure_tf_config()  # on a Kubernetes Indexed Job: TF_CONFIG from its environment
     # The strategy first: logical CPU devices can only be set before TF touches a device.
     strategy = distribute.make_strategy(args.strategy, args.cpu_replicas)
@@ -243,8 +258,6 @@ def _train(args: argparse.Namespace) -> dict:
     from trainer import data, export, visualize
     from trainer import model as model_lib
 
-    manifest = manifest_lib.load(args.data)
-    data.check_shape(manifest, cfg.input_shape)
     data.check_readable(manifest)
     chief = distribute.is_chief()
     workdir = args.workdir.rstrip("/")
