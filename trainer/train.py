@@ -19,8 +19,10 @@ was lost (retryable: rerun every worker to resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import posixpath
 import signal
 import time
 from collections.abc import Sequence
@@ -395,4 +397,10 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
         )
     else:
         tf.io.gfile.rmtree(out_dir)
+        # The last worker to finish also removes tmp-workers/ (every worker made its folder
+        # before training started, so an empty parent stays empty).
+        parent = posixpath.dirname(out_dir)
+        with contextlib.suppress(tf.errors.OpError):
+            if not tf.io.gfile.listdir(parent):
+                tf.io.gfile.rmtree(parent)
     return metrics
