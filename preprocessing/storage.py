@@ -25,7 +25,7 @@ def _login_hint() -> str:
     )
 
 
-def _client(what: str, uri: str):
+def _client(what: str):
     import google.auth.exceptions
     from google.cloud import storage
 
@@ -34,12 +34,10 @@ def _client(what: str, uri: str):
     try:
         return storage.Client()
     except google.auth.exceptions.DefaultCredentialsError:
-        raise UserError(
-            f"{what} {uri}: no Google Cloud credentials found; {_login_hint()}"
-        ) from None
+        raise UserError(f"{what}: no Google Cloud credentials found; {_login_hint()}") from None
     except OSError as e:  # no project: storage needs none to read and write
         raise UserError(
-            f"{what} {uri}: cannot set up a Cloud Storage client ({e}); {_login_hint()}"
+            f"{what}: cannot set up a Cloud Storage client ({e}); {_login_hint()}"
         ) from None
 
 
@@ -49,7 +47,8 @@ def _split(uri: str) -> tuple[str, str]:
 
 
 def check_access(uris: Iterable[tuple[str, str]]) -> None:
-    """For each (what, gs:// URI), e.g. ("--input", "gs://b/photos"): one list request.
+    """For each (what, gs:// URI), e.g. ("--input", "gs://b/photos"), or ("", URI) for a
+    positional: one list request.
 
     Raises UserError naming the first URI that is unreachable, forbidden or whose bucket
     does not exist; other URIs are ignored.
@@ -63,14 +62,15 @@ def check_access(uris: Iterable[tuple[str, str]]) -> None:
 
     client = None
     seen: set[tuple[str, str]] = set()
-    for what, uri in todo:
+    for flag, uri in todo:
+        what = f"{flag} {uri}".strip()  # as the messages name it
         bucket, prefix = _split(uri.rstrip("/"))
         if not bucket:
-            raise UserError(f"{what} {uri}: no bucket name; expected gs://BUCKET/PATH")
+            raise UserError(f"{what}: no bucket name; expected gs://BUCKET/PATH")
         if (bucket, prefix) in seen:
             continue
         seen.add((bucket, prefix))
-        client = client or _client(what, uri)
+        client = client or _client(what)
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         endpoint = emulator or "storage.googleapis.com"
         try:
@@ -80,33 +80,32 @@ def check_access(uris: Iterable[tuple[str, str]]) -> None:
             list(blobs)
         except gexc.NotFound:
             raise UserError(
-                f"{what} {uri}: bucket {bucket!r} does not exist; check the bucket name"
+                f"{what}: bucket {bucket!r} does not exist; check the bucket name"
             ) from None
         except gexc.Forbidden:
             raise UserError(
-                f"{what} {uri}: access to bucket {bucket!r} is forbidden for these credentials; "
+                f"{what}: access to bucket {bucket!r} is forbidden for these credentials; "
                 "grant them storage access to it (roles/storage.objectAdmin), or check the "
                 "bucket name"
             ) from None
         except gexc.Unauthorized:
             raise UserError(
-                f"{what} {uri}: the credentials were rejected (expired or revoked?); "
-                + _login_hint()
+                f"{what}: the credentials were rejected (expired or revoked?); " + _login_hint()
             ) from None
         except google.auth.exceptions.GoogleAuthError as e:
             raise UserError(
-                f"{what} {uri}: cannot get an access token ({type(e).__name__}); " + _login_hint()
+                f"{what}: cannot get an access token ({type(e).__name__}); " + _login_hint()
             ) from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
             kind = "timed out" if isinstance(e, requests.exceptions.Timeout) else "failed"
             raise UserError(
-                f"{what} {uri}: cannot reach Cloud Storage at {endpoint} (connection {kind}); "
+                f"{what}: cannot reach Cloud Storage at {endpoint} (connection {kind}); "
                 "check the network connection and proxy settings"
                 + (" (it is STORAGE_EMULATOR_HOST)" if emulator else "")
             ) from None
         except gexc.GoogleAPICallError as e:
             raise UserError(
-                f"{what} {uri}: Cloud Storage refused the request ({e.code} {e.message}); "
+                f"{what}: Cloud Storage refused the request ({e.code} {e.message}); "
                 "check the URI and the credentials' permissions"
             ) from None
 
@@ -121,5 +120,5 @@ def uris_in_argv(argv: list[str]) -> list[tuple[str, str]]:
             found.append((flag, value))
         elif arg.startswith("gs://"):
             prev = argv[i - 1] if i else ""
-            found.append((prev if prev.startswith("--") else "argument", arg))
+            found.append((prev if prev.startswith("--") else "", arg))
     return found
