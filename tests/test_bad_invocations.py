@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing import job
+from preprocessing import job, tf_noise
 from preprocessing import manifest as manifest_lib
 
 pytestmark = pytest.mark.slow
@@ -243,6 +243,8 @@ def results(tmp_path_factory, gcs_emulator) -> dict:
     r = _cli(["train", "--data", str(data), "--workdir", str(workdir), "--preset", "tiny",
               "--verbose", "0"], base)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
+    # A good run is quiet too: none of TensorFlow's C++ start-up lines.
+    assert not tf_noise.NOISE.search(r.stderr), r.stderr[-2000:]
     files = base / "files"
     (files / "empty").mkdir(parents=True)
     (files / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a photo")
