@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import functools
 import json
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -70,7 +71,7 @@ def parse_sparsify(text: str, rho: float) -> tuple[str, float]:
     try:
         if kind == "none" and not value:
             return "none", 0.0
-        if kind == "threshold":
+        if kind == "threshold" and math.isfinite(float(value)):
             return "threshold", float(value)
         if kind == "topk" and int(value) >= 1:
             return "topk", int(value)

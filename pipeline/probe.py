@@ -95,7 +95,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     # Both inputs checked before TensorFlow's import (seconds).
     features.load(args.features)
-    manifest.load(args.data)
+    manifest.load(args.data).check_shards()
     import tensorflow as tf
 
     result = probe(args.features, args.data, args.max_iter)

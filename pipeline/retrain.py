@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline import models
 from preprocessing import flags, sources
+from preprocessing import manifest as manifest_lib
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import MANIFEST_NAME, join
 
@@ -74,7 +75,6 @@ def evaluate_export(
     """
     import tensorflow as tf
 
-    from preprocessing import manifest as manifest_lib
     from trainer import data
 
     info = models.export_info(export_dir)
@@ -161,6 +161,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     # Before any preprocessing: `sae train` would check the config only after it.
     config.apply_overrides(config.preset(args.preset), args.set)
+    if args.eval_data:  # read only after training otherwise
+        manifest_lib.load(args.eval_data).check_shards(("eval",))
     root = args.models_root.rstrip("/")
     version = models.new_version()
     vdir = join(root, "versions", version)

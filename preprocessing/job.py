@@ -401,11 +401,15 @@ def _report(out: str) -> dict:
     if FileSystems.exists(failed):
         with FileSystems.open(failed) as f:
             info = json.load(f)
+        why = (
+            "all of them: nothing to write"
+            if info["num_errors"] == info["num_inputs"]
+            else f"{info['error_fraction']:.1%} > --max-error-fraction "
+            f"{info['max_error_fraction']:.1%}"
+        )
         raise UserError(
-            f"{info['num_errors']} of {info['num_inputs']} inputs were rejected "
-            f"({info['error_fraction']:.1%} > --max-error-fraction "
-            f"{info['max_error_fraction']:.1%}); reasons in {join(out, ERRORS_FILE)}; "
-            "no manifest was written",
+            f"{info['num_errors']} of {info['num_inputs']} inputs were rejected ({why}); "
+            f"reasons in {join(out, ERRORS_FILE)}; no manifest was written",
             exit_code=EXIT_TOO_MANY_ERRORS,
         )
     with FileSystems.open(join(out, MANIFEST_NAME)) as f:

@@ -93,6 +93,7 @@ CASES = [
     _c("extract-shard-mb", f"{EXTRACT} --target-shard-mb -1", "--target-shard-mb"),
     _c("extract-sparsify", f"{EXTRACT} --sparsify topk:0", "invalid --sparsify"),
     _c("extract-format", f"{EXTRACT} --format csv", "invalid --format"),
+    _c("extract-sparsify-nan", f"{EXTRACT} --sparsify threshold:nan", "invalid --sparsify"),
     _c("retrain-dead-fraction", f"{RETRAIN} --max-dead-fraction 2", "--max-dead-fraction"),
     _c("retrain-rho-tolerance", f"{RETRAIN} --rho-tolerance -1", "--rho-tolerance"),
     _c("retrain-set", f"{RETRAIN} --set epochs=0", "invalid epochs=0"),
@@ -135,11 +136,15 @@ CASES = [
     _c("extract-split-unknown", f"{EXTRACT} --split nosuch", "invalid --split 'nosuch'"),
     _c("extract-split-empty", "extract --data {no_eval} --model {model} --output {out} "
        "--split eval", "has no examples in split(s) eval"),
+    _c("pre-all-rejected", "preprocess --input {files}/junk --output {out} --resize 8x8 "
+       "--channels 1 --max-error-fraction 1", "2 of 2 inputs were rejected (all of them",
+       code=3, result="manifest.json"),
     # --- data that lies about itself ---
     _c("train-empty-shard", "train --data {empty_shard} --workdir {out}", "is empty (0 bytes)"),
     _c("train-missing-shard", "train --data {missing_shard} --workdir {out}", "is missing"),
     _c("train-garbage-shard", "train --data {garbage_shard} --workdir {out}",
        "is not a TFRecord file"),
+    _c("retrain-eval-data-bad", f"{RETRAIN} --eval-data {{bad_manifest}}", "is not valid JSON"),
     _c("train-bad-manifest", "train --data {bad_manifest} --workdir {out}", "is not valid JSON"),
     _c("train-count-lies", "train --data {count_lies} --workdir {out} --preset tiny",
        "records but the manifest counts", result="export"),
@@ -249,6 +254,9 @@ def results(tmp_path_factory, gcs_emulator) -> dict:
     (files / "empty").mkdir(parents=True)
     (files / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a photo")
     (files / "notes.json").write_text("{}")
+    (files / "junk").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (files / "junk" / name).write_bytes(b"not an image")
     paths = {"data": data, "model": workdir / "export", "files": files,
              "closed_port": _closed_port(), **_broken_copies(data, base)}  # fmt: skip
 
