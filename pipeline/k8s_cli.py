@@ -123,14 +123,14 @@ def make_parser() -> ArgumentParser:
     )
     s.add_argument(
         "--timeout",
-        type=flags.positive_number,
+        type=flags.non_negative_number,
         default=86400.0,
         metavar="SECONDS",
         help="stop following a job after this long (default: 86400)",
     )
     s.add_argument(
         "--poll",
-        type=flags.positive_number,
+        type=flags.non_negative_number,
         default=10.0,
         metavar="SECONDS",
         help="status poll interval",

@@ -100,7 +100,7 @@ CASES = [
     _c("probe-max-iter", "evaluate-features --features {out} --data {data} --max-iter 0",
        "--max-iter: expected an integer >= 1"),
     _c("k8s-workers", "k8s render --workers 0", "--workers: expected an integer >= 1"),
-    _c("k8s-timeout", "k8s submit --timeout 0", "--timeout: expected a number > 0"),
+    _c("k8s-timeout", "k8s submit --timeout -1", "--timeout: expected a number >= 0"),
     _c("k8s-poll", "k8s submit --poll -5", "--poll"),
     # --- paths: say what the flag and the file really are ---
     _c("pre-missing-dir", "preprocess --input {files}/nosuch --output {out}",
