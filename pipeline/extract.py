@@ -35,11 +35,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import feature_records as fr
-from pipeline import models
+from pipeline import models, pooled
 from preprocessing import (
     decode,
     exiting,
     flags,
+    images,
+    jobkit,
     progress,
     records,
     sharding,
@@ -47,14 +49,14 @@ from preprocessing import (
     tf_noise,
     wire,
 )
-from preprocessing import job as preprocess_job
 from preprocessing import manifest as manifest_lib
 from preprocessing.decode import Example
 from preprocessing.errors import EXIT_BAD_INPUT, EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
 from preprocessing.manifest import ERRORS_FILE, MANIFEST_NAME, absolute, join
+from trainer.config import dead_units
 
 STAGING_PREFIX = ".staging-"
-FAILED_NAME = preprocess_job.FAILED_NAME
+FAILED_NAME = jobkit.FAILED_NAME
 FORMATS = ("tfrecord", "parquet")
 
 
@@ -130,9 +132,16 @@ class Encode(beam.DoFn):
     """A batch of Examples -> one list of ("features", key, serialized feature record),
     plus partial statistics to 'stats'."""
 
-    def __init__(self, export_dir: str, kind: str, value: float, reporter: progress.Reporter):
+    def __init__(
+        self,
+        export_dir: str,
+        kind: str,
+        value: float,
+        reporter: progress.Reporter,
+        pooling: pooled.Pooling | None = None,
+    ):
         self.export_dir, self.kind, self.value = export_dir, kind, value
-        self.reporter = reporter
+        self.reporter, self.pooling = reporter, pooling
 
     def setup(self):
         if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") != "0":  # the CLI's choice
@@ -140,7 +149,11 @@ class Encode(beam.DoFn):
         import tensorflow as tf
 
         self._tf = tf
-        self._encode = tf.saved_model.load(self.export_dir).signatures["encode"]
+        # Kept: a tf.function over a signature does not keep the model's variables alive.
+        self._model = tf.saved_model.load(self.export_dir)
+        self._encode = self._model.signatures["encode"]
+        if self.pooling:  # whole images -> pooled activation maps (pipeline/pooled.py)
+            self._encode = pooled.pooled_encoder(self._model.signatures["encode_map"], self.pooling)
         exiting.skip_teardown_at_worker_exit()
 
     def process(self, batch):
@@ -246,7 +259,7 @@ class Finalize(beam.DoFn):
         count, hist, kept, act_sum = stats or (0, np.zeros(dim + 1), np.zeros(dim), np.zeros(dim))
         rates = kept / max(count, 1)
         mean_act = act_sum / max(count, 1)
-        dead = np.flatnonzero(mean_act < 0.1 * header["model_rho"]).tolist()
+        dead = np.flatnonzero(dead_units(mean_act, header["model_rho"])).tolist()
         _swap_in(self.staging, self.out)
         files = [k for k in ("tfrecord", "parquet") if k in header["formats"]]
         shard_list = [
@@ -269,7 +282,7 @@ class Finalize(beam.DoFn):
             "dead_fraction": len(dead) / dim,
             "shards": shard_list,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "package_version": preprocess_job.package_version(),
+            "package_version": jobkit.package_version(),
         }
         sharding.write_atomically(
             join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()]
@@ -335,7 +348,7 @@ def make_parser() -> ArgumentParser:
         "--sparsify",
         default="default",
         help="threshold:T keeps activations >= T; topk:K keeps the K largest; none "
-        "keeps all (default: threshold at the model's rho)",
+        "keeps all (default: threshold at the model's rho; none with --pool)",
     )
     p.add_argument(
         "--batch-size",
@@ -350,9 +363,28 @@ def make_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--aspect",
-        choices=("squash", "crop", "pad"),
+        choices=images.RESIZE_MODES,
         default="crop",
         help="raw images: how resizing to the model's input handles aspect ratio",
+    )
+    p.add_argument(
+        "--pool",
+        metavar="GRID",
+        help="convolutional features: encode every window of each whole image with a patch "
+        "model and pool the maps over a GRID of regions, e.g. 2x2 (G*G*hidden values per "
+        "image; needs a `sae preprocess` output as --data)",
+    )
+    p.add_argument(
+        "--pool-op",
+        choices=pooled.POOL_OPS,
+        default="mean",
+        help="with --pool: how each region is reduced (default: mean)",
+    )
+    p.add_argument(
+        "--stride",
+        type=flags.positive_int,
+        default=1,
+        help="with --pool: window step in pixels, up to the window (default: 1)",
     )
     sharding.add_arguments(p, "feature")
     p.add_argument(
@@ -376,23 +408,16 @@ def make_parser() -> ArgumentParser:
     return p
 
 
-def _check_output(out: str, overwrite: bool) -> None:
-    existing = FileSystems.match([join(out, "**")])[0].metadata_list
-    if existing and not overwrite:
-        raise UserError(
-            f"output {out} is not empty ({len(existing)} files); choose another --output or "
-            "pass --overwrite to replace it (the old set stays readable until the new one is "
-            "complete)"
-        )
-
-
 def _dataset_input(
-    root: str, split_flag: str, shape: tuple, export_dir: str
-) -> tuple[manifest_lib.Manifest, list[str]]:
+    root: str, split_flag: str, shape: tuple, export_dir: str, pooling
+) -> tuple[manifest_lib.Manifest, list[str], tuple]:
     """A preprocessed --data, checked up front: its manifest, the --split names (known,
-    with examples) and cheap checks of their shards."""
+    with examples), cheap checks of their shards, and the shape of its records."""
     data = manifest_lib.load(absolute(root))
-    if data.image_shape != shape:
+    if pooling:  # any image size the windows and the grid fit; records must be it
+        pooled.check_fits(pooling, data.image_shape, shape)
+        shape = data.image_shape
+    elif data.image_shape != shape:
         raise UserError(
             f"dataset {root}: "
             + decode.shape_mismatch(
@@ -414,13 +439,13 @@ def _dataset_input(
             "--split " + ",".join(s for s in decode.SPLITS if data.num_examples(s))
         )
     data.check_shards(tuple(splits))
-    return data, splits
+    return data, splits, shape
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the features manifest."""
     args, beam_args = make_parser().parse_known_args(argv)
-    preprocess_job.configure_logging(args.verbose)
+    jobkit.configure_logging(args.verbose)
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not formats or set(formats) - set(FORMATS):
         raise UserError(f"invalid --format {args.format!r}: use tfrecord, parquet or both")
@@ -428,14 +453,23 @@ def run(argv: Sequence[str] | None = None) -> dict:
     info = models.export_info(export_dir)
     shape = tuple(info["image_shape"])
     rho = float(info["config"]["rho"])
-    kind, value = parse_sparsify(args.sparsify, rho)
+    # A pooled value is a unit's mean rate over a region, not one activation: a threshold at
+    # rho keeps about half of them and drops what tells the regions apart (pipeline/pooled.py).
+    pooled_default = args.pool and args.sparsify == "default"
+    kind, value = parse_sparsify("none" if pooled_default else args.sparsify, rho)
+    pooling = None
+    if args.pool:
+        pooling = pooled.pooling_of(
+            args.pool, args.pool_op, args.stride, shape, int(info["config"]["hidden"])
+        )
     out = absolute(args.output.rstrip("/"))
-    _check_output(out, args.overwrite)
+    # Nothing is deleted here: the new set replaces the old one only when complete.
+    jobkit.refuse_non_empty(out, args.overwrite)
     staging = join(out, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
 
     is_dataset = FileSystems.exists(join(args.data, MANIFEST_NAME))
     if is_dataset:
-        data, splits = _dataset_input(args.data, args.split, shape, export_dir)
+        data, splits, shape = _dataset_input(args.data, args.split, shape, export_dir, pooling)
     else:
         source = sources.parse(args.data, flag="--data")
     header = {
@@ -445,18 +479,25 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "model_export": export_dir,
         "model_version": version,
         "model_rho": rho,
-        "dim": int(info["config"]["hidden"]),
+        "dim": pooling.dim if pooling else int(info["config"]["hidden"]),
         "sparsify": "none" if kind == "none" else f"{kind}:{value:g}",
         "formats": list(formats),
         "source": args.data,
     }
-    options = PipelineOptions(preprocess_job.default_beam_args(beam_args))
+    if pooling:
+        header["pooling"] = {"grid": pooling.grid, "op": pooling.op, "stride": pooling.stride}
+        if not is_dataset:
+            raise UserError(
+                f"--pool reads whole images of a `sae preprocess` output; {args.data} has no "
+                f"manifest: run `sae preprocess --input {args.data}` first"
+            )
+    options = PipelineOptions(jobkit.default_beam_args(beam_args))
     print(
         f"extract: {args.data} -> {out} with {export_dir} ({header['sparsify']}, "
-        f"runner {progress.describe_runner(options)})",
+        f"runner {jobkit.describe_runner(options)})",
         flush=True,
     )
-    with progress.running(options, "extract", "rows", args.quiet) as (p, reporter):
+    with jobkit.running(options, "extract", "rows", args.quiet) as (p, reporter):
         if is_dataset:
             split_of = {path: s for s in splits for path in data.shard_paths(s)}
             header["label_names"] = data.label_names
@@ -500,7 +541,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             header["label_names"] = None  # filled below from the decoded labels
         _ = expected | "ReportTotal" >> beam.Map(reporter.set_total)
         encoded = batches | "Encode" >> beam.ParDo(
-            Encode(export_dir, kind, value, reporter)
+            Encode(export_dir, kind, value, reporter, pooling)
         ).with_outputs("stats", main="features")
         # Sized for the dense worst case (every unit kept): ~6 bytes per unit plus the key.
         row_bytes = 6 * header["dim"] + 100

@@ -1,7 +1,7 @@
 """The feature schema: one record per input example, written by `sae extract`.
 
 TFRecord (tf.train.Example), parseable with tf.io.parse_example into a SparseTensor:
-  key      bytes    the input example's key (source URI, "#patch=N" for patches)
+  key      bytes    the input example's key (as in preprocessing/records.py)
   indices  int64[]  hidden units kept by the sparsifier, ascending
   values   float[]  their activations
   dim      int64    number of hidden units (the SparseTensor's dense size)

@@ -31,6 +31,7 @@ from preprocessing import flags, sources
 from preprocessing import manifest as manifest_lib
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import MANIFEST_NAME, join
+from trainer.config import dead_units
 
 
 @dataclass(frozen=True)
@@ -79,14 +80,17 @@ def evaluate_export(
 
     info = models.export_info(export_dir)
     dataset = manifest_lib.load(data_root)
-    if tuple(dataset.image_shape) != tuple(info["image_shape"]):
+    patch_size = int(info["config"].get("patch_size", 0))  # a patch model sees windows
+    if patch_size:
+        data.check_shape(dataset, tuple(info["image_shape"]), patch_size)
+    elif tuple(dataset.image_shape) != tuple(info["image_shape"]):
         raise UserError(
             f"eval data {data_root} holds {dataset.image_shape} images but the "
             f"model {export_dir} takes {info['image_shape']}"
         )
     sig = tf.saved_model.load(export_dir).signatures
     sq, count, act_sum = 0.0, 0, None
-    for images in data.eval_dataset(dataset, batch_size, split=split):
+    for images in data.eval_dataset(dataset, batch_size, split=split, patch_size=patch_size):
         x = sig["normalize"](images=images)["inputs"].numpy().astype(np.float64)
         x_hat = sig["reconstruct"](images=images)["reconstructions"].numpy()
         a = sig["encode"](images=images)["activations"].numpy().astype(np.float64)
@@ -98,7 +102,7 @@ def evaluate_export(
     return {
         "reconstruction": 0.5 * sq / count,
         "mean_rho_hat": float(rho_hat.mean()),
-        "dead_fraction": float((rho_hat < 0.1 * rho).mean()),
+        "dead_fraction": float(dead_units(rho_hat, rho).mean()),
         "rho": rho,
         "examples": count,
     }

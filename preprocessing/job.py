@@ -20,8 +20,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,12 +28,22 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import decode, exiting, flags, images, progress, records, sharding, sources, wire
+from preprocessing import (
+    decode,
+    flags,
+    images,
+    jobkit,
+    progress,
+    records,
+    sharding,
+    sources,
+    wire,
+)
 from preprocessing.decode import SPLITS
 from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
 from preprocessing.manifest import ERRORS_FILE, KIND, MANIFEST_NAME, absolute, join
 
-FAILED_NAME = "_FAILED.json"
+FAILED_NAME = jobkit.FAILED_NAME
 
 
 # ----------------------------------------------------------------------------
@@ -80,7 +88,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--aspect",
-        choices=("squash", "crop", "pad"),
+        choices=images.RESIZE_MODES,
         default="crop",
         help="how --resize handles aspect ratio: stretch, centre-crop, or pad "
         "with zeros (default: crop)",
@@ -201,15 +209,6 @@ def write_tfrecord_shard(
     return {"group": split, "index": index, "path": name, "num_examples": len(recs)}
 
 
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sae-pipeline")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 class Finalize(beam.DoFn):
     """Runs once, after every shard and the error report are written.
 
@@ -263,7 +262,7 @@ class Finalize(beam.DoFn):
             "source": self.source,
             "options": {**self.decoding.describe(), **dataclasses.asdict(self.output)},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "package_version": package_version(),
+            "package_version": jobkit.package_version(),
         }
         sharding.write_atomically(
             join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()]
@@ -317,52 +316,10 @@ def build(
     )
 
 
-def _prepare_output(out: str, overwrite: bool) -> None:
-    existing = FileSystems.match([join(out, "**")])[0].metadata_list
-    if not existing:
-        return
-    if not overwrite:
-        raise UserError(
-            f"output {out} is not empty ({len(existing)} files); choose another --output "
-            "or pass --overwrite to replace it"
-        )
-    # Manifest first: a reader must never see a manifest over a half-deleted dataset.
-    paths = sorted((m.path for m in existing), key=lambda p: not p.endswith(MANIFEST_NAME))
-    FileSystems.delete(paths)
-
-
-def configure_logging(verbose: bool) -> None:
-    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
-    # The DirectRunner relays every worker's start-up warnings; they are noise to users.
-    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(
-        logging.INFO if verbose else logging.ERROR
-    )
-
-
-def default_beam_args(beam_args: list[str]) -> list[str]:
-    """The local runner, multi-processing with one worker per core, unless told otherwise.
-
-    FnApiRunner is the engine of Beam's DirectRunner. Naming it pins that engine: since
-    Beam 2.6x the DirectRunner first tries to download and start the Prism runner, which
-    needs internet access and handles these worker options differently. Its workers, and
-    only they, may skip the interpreter's teardown (preprocessing/exiting.py).
-    """
-    joined = " ".join(beam_args)
-    args = list(beam_args)
-    if "--runner" not in joined:
-        exiting.mark_local_workers()
-        args.append("--runner=FnApiRunner")
-        if "--direct_running_mode" not in joined:
-            args.append("--direct_running_mode=multi_processing")
-        if "--direct_num_workers" not in joined:
-            args.append(f"--direct_num_workers={os.cpu_count() or 1}")
-    return args
-
-
 def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the manifest. Raises UserError for bad flags or input."""
     args, beam_args = make_parser().parse_known_args(argv)
-    configure_logging(args.verbose)
+    jobkit.configure_logging(args.verbose)
     out = absolute(args.output.rstrip("/"))
     source = sources.parse(args.input, args.tfds_data_dir)
     declared = sources.label_names(source)
@@ -384,14 +341,16 @@ def run(argv: Sequence[str] | None = None) -> dict:
         max_error_fraction=args.max_error_fraction,
     )
     shape = decoding.shape
-    _prepare_output(out, args.overwrite)
-    options = PipelineOptions(default_beam_args(beam_args))
+    existing = jobkit.refuse_non_empty(out, args.overwrite)
+    if existing:
+        FileSystems.delete(existing)  # manifest first
+    options = PipelineOptions(jobkit.default_beam_args(beam_args))
     print(
         f"preprocess: {args.input} -> {out}  (image {shape[0]}x{shape[1]}x{shape[2]}, "
-        f"runner {progress.describe_runner(options)})",
+        f"runner {jobkit.describe_runner(options)})",
         flush=True,
     )
-    with progress.running(options, "preprocess", "images", args.quiet) as (p, reporter):
+    with jobkit.running(options, "preprocess", "images", args.quiet) as (p, reporter):
         build(p, source, out, decoding, output, declared, args.input, reporter)
     return _report(out)
 

@@ -7,7 +7,8 @@ Features of one Example:
   height    int64
   width     int64
   channels  int64   1 or 3
-  key       bytes   stable id: source URI (plus "#patch=N" for patches)
+  key       bytes   the input's key (preprocessing/sources.py Item: path under the input
+                    root, list entry or builtin/TFDS id), plus "#patch=N" for patches
   label     int64   index into the manifest's `label_names`; absent if unlabelled
 
 `parse_batch` reads a batch of serialized Examples inside tf.data (vectorized,

@@ -25,6 +25,10 @@ def test_presets_exist_and_match_ufldl():
     assert (patches.normalization, patches.decoder) == ("ufldl_patches", "sigmoid")
     digits = preset("digits")
     assert digits.input_shape == (8, 8, 1) and digits.rho == 0.1
+    conv = preset("mnist-conv")
+    assert conv.patch_size == 8 and conv.input_shape == (8, 8, 1) and conv.hidden >= 200
+    for cfg in (mnist, conv):  # several passes over builtin:mnist's ~4,000 train images
+        assert cfg.epochs * cfg.steps_per_epoch * cfg.global_batch_size >= 50 * 4000
 
 
 def test_defaults():
@@ -103,11 +107,15 @@ def test_unknown_key_names_it_and_lists_valid_keys():
         ("eps=0", "eps"),
         ("steps_per_execution=0", "steps_per_execution.*integer >= 1"),
         ("hidden", "key=value"),
+        ("patch_size=-1", "patch_size.*>= 0"),
+        ("patch_size=5", "patch_size.*window size of input_shape \\(now 8x8x1\\)"),
+        ("zca_epsilon=-1", "zca_epsilon"),
+        ("zca_epsilon=0.1 normalization=ufldl_patches", "zca_epsilon.*unit"),
     ],
 )
 def test_invalid_values_raise_user_error(override, message):
     with pytest.raises(UserError, match=message):
-        apply_overrides(preset("tiny"), [override])
+        apply_overrides(preset("tiny"), override.split(" "))
 
 
 def test_every_construction_path_validates():

@@ -69,3 +69,40 @@ def test_resuming_at_a_step_continues_the_same_stream(dataset, path):
         np.testing.assert_array_equal(a, b)
     other_seed = next(iter(data.train_stream(dataset, 64, seed=2))).numpy()
     assert not np.array_equal(full[0], other_seed)
+
+
+def _is_window_of(patch: np.ndarray, image: np.ndarray) -> tuple[int, int] | None:
+    k = patch.shape[0]
+    for r in range(image.shape[0] - k + 1):
+        for c in range(image.shape[1] - k + 1):
+            if np.array_equal(image[r : r + k, c : c + k], patch):
+                return r, c
+    return None
+
+
+def test_patch_stream_takes_one_window_per_image_and_resumes_exactly(dataset, path):
+    whole = [b.numpy() for b in data.train_stream(dataset, 64, seed=1).take(12)]
+    full = [b.numpy() for b in data.train_stream(dataset, 64, seed=1, patch_size=5).take(12)]
+    corners = set()
+    for images, patches in zip(whole, full, strict=True):
+        assert patches.shape == (64, 5, 5, 1) and patches.dtype == np.uint8
+        for im, p in zip(images[:8], patches[:8], strict=True):
+            corner = _is_window_of(p, im)
+            assert corner is not None  # the window of the same step's same image
+            corners.add(corner)
+    assert len(corners) > 4  # the corners are spread over the 4 x 4 valid positions
+    resumed = data.train_stream(dataset, 64, seed=1, start_step=7, patch_size=5).take(5)
+    for a, b in zip(full[7:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+    other = next(iter(data.train_stream(dataset, 64, seed=2, patch_size=5))).numpy()
+    assert not np.array_equal(other, full[0])
+
+
+def test_eval_windows_are_the_same_on_every_pass(dataset):
+    def windows():
+        return np.concatenate([b.numpy() for b in data.eval_dataset(dataset, 50, patch_size=3)])
+
+    first, images = windows(), np.concatenate([b.numpy() for b in data.eval_dataset(dataset, 50)])
+    np.testing.assert_array_equal(first, windows())
+    assert first.shape == (dataset.num_examples("eval"), 3, 3, 1)
+    assert all(_is_window_of(p, im) is not None for p, im in zip(first, images, strict=True))

@@ -1,7 +1,7 @@
 """The TF cost against an independent NumPy float64 UFLDL implementation.
 
-`numpy_cost_and_grads` is written from the CS294A notes (the cost as the README's `sae train`
-section states it), not from trainer/losses.py: forward pass, cost, and the backprop deltas
+`numpy_cost_and_grads` is written from the CS294A notes (the cost as docs/design.md states
+it), not from trainer/losses.py: forward pass, cost, and the backprop deltas
     delta3 = (x_hat - x) * f'(z3)
     delta2 = (delta3 W2^T + beta (-rho / rho_hat + (1 - rho) / (1 - rho_hat)) [+ l1]) * a (1 - a)
 The TF gradients come from tf.GradientTape, and are also checked by centred finite

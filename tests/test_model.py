@@ -45,6 +45,8 @@ CASES = {
     "variants": ["normalization=ufldl_patches", "batch_norm=before", "rho_hat_momentum=0.9",
                  "l1_activity=0.01", "tied_weights=true", "decoder=linear", "learning_rate=0.02"],
     "bn_after": ["batch_norm=after"],
+    # Random 4x4 windows of the 8x8 images, drawn per step as trainer.data does, and ZCA.
+    "patches": ["input_shape=4,4,1", "patch_size=4", "zca_epsilon=0.01", "decoder=linear"],
 }
 images = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 1), dtype=np.uint8)
 keys = [f"img-{i}" for i in range(70)]
@@ -55,6 +57,10 @@ def run(strategy, overrides, as_dict, steps_per_execution):
         model = build_model(cfg, steps_per_execution)
     data = {"image": images, "key": keys} if as_dict else images
     ds = tf.data.Dataset.from_tensor_slices(data).batch(cfg.global_batch_size)
+    if cfg.patch_size:
+        from trainer.data import random_patches
+        ds = ds.enumerate().map(lambda i, x: random_patches(x, cfg.patch_size, tf.stack([i, i])))
+        model.fit_zca(images[:, 2:6, 2:6])
     history = model.fit(ds.repeat(), epochs=2, steps_per_epoch=6, verbose=0).history
     return {
         "replicas": strategy.num_replicas_in_sync,
@@ -107,7 +113,7 @@ def _assert_same_run(one: dict, many: dict, replicas: int) -> None:
 
 
 def test_one_and_two_mirrored_replicas_train_identically():
-    result = _result(_run_script(["mirrored", "2", "base,variants,bn_after", "3"]))
+    result = _result(_run_script(["mirrored", "2", "base,variants,bn_after,patches", "3"]))
     for name, (one, two) in result["cases"].items():
         assert one["eval"]["eval_examples"] == 70, name
         _assert_same_run(one, two, replicas=2)
@@ -284,6 +290,27 @@ def test_eval_statistics_match_numpy(digits):
     assert got["l0"] == pytest.approx(np.mean(np.sum(a > 0.5, axis=1)), rel=1e-5)
     assert got["fraction_variance_explained"] == pytest.approx(fve, rel=1e-4)
     assert got["reconstruction"] == pytest.approx(0.5 * np.sum((x - x_hat) ** 2) / len(x), 1e-4)
+
+
+def test_eval_kl_and_cost_are_the_whole_splits_whatever_the_batch_size(digits):
+    """UFLDL's J on a split uses the split's rho_hat: the same for any eval batching."""
+    cfg = apply_overrides(preset("digits"), ["rho=0.3"])
+    model = build_model(cfg)
+    ds = tf.data.Dataset.from_tensor_slices(digits)
+    by = {b: evaluate_metrics(model, ds.batch(b)) for b in (128, len(digits))}
+    a = model.encode(digits).numpy().astype(np.float64)
+    rho_hat = np.clip(a.mean(axis=0), cfg.eps, 1 - cfg.eps)
+    rho = cfg.rho
+    kl = np.sum(rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat)))
+    for got in by.values():
+        assert got["sparsity"] == pytest.approx(cfg.beta * kl, rel=1e-5)
+        parts = got["reconstruction"] + got["weight_decay"] + got["sparsity"]
+        assert got["loss"] == pytest.approx(parts, rel=1e-6)
+    # One batch of the whole split: the batch mean is the split value; 128s are not
+    # (the KL of a mean is below the mean of the batches' KLs: KL is convex in rho_hat).
+    whole = by[len(digits)]
+    assert whole["sparsity_batch_mean"] == pytest.approx(whole["sparsity"], rel=1e-5)
+    assert by[128]["sparsity_batch_mean"] > by[128]["sparsity"] * (1 + 1e-4)
 
 
 # -- interface ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import extract
-from preprocessing import exiting, job
+from preprocessing import exiting, job, jobkit
 from preprocessing.manifest import MANIFEST_NAME
 from tests import test_extract
 from tests.collections import messy_collection
@@ -146,9 +146,11 @@ def test_preprocess_on_the_portable_runner_equals_the_default_runner(
     files = _same_output(
         job.run, [*args, "--max-error-fraction", "0.5", "--num-shards", "2"], portable, tmp_path
     )
-    # Not two empty outputs: records in every shard, one error line per bad file.
+    # Not two empty outputs: records in each split, one error line per bad file.
     shards = [p for p in files if p.endswith(".tfrecord")]
-    assert len(shards) == 4 and all(files[p] for p in shards)
+    assert len(shards) == 4
+    for split in ("train", "eval"):  # 8 and 2 examples: each split has records
+        assert any(files[p] for p in shards if p.startswith(split)), split
     errors = files[job.ERRORS_FILE].decode().splitlines()
     assert len(errors) == sum(bad is not None for bad in expect.values())
     assert {json.loads(e)["uri"] for e in errors} <= set(expect)  # absolute paths
@@ -196,6 +198,6 @@ def _armed_in_the_worker(beam_args: list[str], out: Path) -> str:
 def test_fast_exit_arms_only_in_the_local_runners_workers(portable, tmp_path):
     """The local runner's workers skip the interpreter's teardown; the worker pool's
     (`python -c` processes, stopped with SIGTERM) keep their normal exit."""
-    local = job.default_beam_args(["--direct_num_workers=1"])
+    local = jobkit.default_beam_args(["--direct_num_workers=1"])
     assert _armed_in_the_worker(local, tmp_path / "local.txt") == "True"
     assert _armed_in_the_worker(portable, tmp_path / "portable.txt") == "False"

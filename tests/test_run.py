@@ -79,3 +79,18 @@ def test_interrupted_stage_is_redone(tmp_path):
     for job in ("preprocess", "extract"):
         (first,) = [ln for ln in r.stdout.splitlines() if ln.startswith(f"{job}: ") and "->" in ln]
         assert "runner FnApiRunner (in_memory)" in first, first
+
+
+@pytest.mark.slow
+def test_a_patch_model_is_extracted_pooled(tmp_path):
+    workdir = tmp_path / "run"
+    sets = ["input_shape=4,4,1", "patch_size=4", "hidden=6", "epochs=1", "steps_per_epoch=5"]
+    r = _run(
+        "--workdir", str(workdir), "--pool", "2x2", "--direct_running_mode=in_memory",
+        *[x for s in sets for x in ("--set", s)],
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    feats = json.loads((workdir / "features" / "manifest.json").read_text())
+    assert feats["pooling"] == {"grid": 2, "op": "mean", "stride": 1} and feats["dim"] == 24
+    assert feats["num_written"] == 1797 and feats["sparsify"] == "none"
+    assert (workdir / "features" / "probe.json").exists() and (workdir / "report.html").exists()

@@ -162,29 +162,23 @@ def _sigmoid(z):
 
 
 def numpy_eval_cost(images, w1, b1, w2, b2, cfg) -> tuple[float, float]:
-    """UFLDL cost (the README's `sae train` section) in float64 NumPy, from the CS294A notes.
+    """UFLDL cost (docs/design.md, from the CS294A notes) in float64 NumPy.
 
-    Like `evaluate`, over batches of cfg.global_batch_size in order, rho_hat per batch, and
-    the batch costs averaged weighted by batch size. images: uint8 [N, H, W, C]; w1 [n, s].
-    Returns (J, reconstruction term). Sigmoid decoder, "unit" normalization, no L1.
+    Over the whole split: rho_hat is the split's mean activation (UFLDL's J on a data set).
+    images: uint8 [N, H, W, C]; w1 [n, s]. Returns (J, reconstruction term). Sigmoid
+    decoder, "unit" normalization, no L1.
     """
     assert cfg.decoder == "sigmoid" and cfg.normalization == "unit" and cfg.l1_activity == 0
     x_all = images.reshape(len(images), -1).astype(np.float64) / 255.0
     w1, b1, w2, b2 = (np.asarray(v, np.float64) for v in (w1, b1, w2, b2))
     rho = cfg.rho
     wd = 0.5 * cfg.weight_decay * (np.sum(w1**2) + np.sum(w2**2))
-    total = rec_total = 0.0
-    for i in range(0, len(x_all), cfg.global_batch_size):
-        x = x_all[i : i + cfg.global_batch_size]
-        m = len(x)
-        a = _sigmoid(x @ w1 + b1)
-        x_hat = _sigmoid(a @ w2 + b2)
-        rho_hat = np.clip(a.mean(axis=0), cfg.eps, 1 - cfg.eps)
-        rec = 0.5 * np.sum((x_hat - x) ** 2) / m
-        kl = np.sum(rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat)))
-        total += m * (rec + wd + cfg.beta * kl)
-        rec_total += m * rec
-    return total / len(x_all), rec_total / len(x_all)
+    a = _sigmoid(x_all @ w1 + b1)
+    x_hat = _sigmoid(a @ w2 + b2)
+    rho_hat = np.clip(a.mean(axis=0), cfg.eps, 1 - cfg.eps)
+    rec = 0.5 * np.sum((x_hat - x_all) ** 2) / len(x_all)
+    kl = np.sum(rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat)))
+    return rec + wd + cfg.beta * kl, rec
 
 
 def _grid_shape(k: int, tile_h: int, tile_w: int, scale: int = 4) -> tuple[int, int]:

@@ -14,9 +14,21 @@ Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value 
                    about 85% of the variance is explained, and a linear probe on the sparse
                    features is as accurate as on the raw pixels (README).
   mnist            The UFLDL exercise: 28x28 MNIST, 784 -> 196, rho 0.1, lambda 3e-3, beta 3
-                   (pixels / 255); about 1,750 Adam steps at global batch 1024 (about a minute
-                   on 2 CPU cores). Expected: pen-stroke detectors; the UFLDL self-taught
-                   exercise reports 98.3% softmax accuracy on such features (784 -> 200).
+                   (pixels / 255); 3,000 Adam steps at global batch 256, about 200 passes over
+                   builtin:mnist's 3,748 train images (--eval-fraction 0.25). Measured
+                   2026-12-01 on 2 shared cores: 105 s for the command, eval mean rho_hat 0.106,
+                   no dead units, 66% of the variance explained; the filters are mostly whole
+                   digit templates with some stroke pieces, not UFLDL's pen strokes yet (that
+                   exercise had 10,000 images and L-BFGS). Still to tune.
+  mnist-conv       8x8 windows of builtin:mnist (patch_size 8), 64 -> 400, rho 0.05, beta 3,
+                   lambda 1e-4, Adam at 1e-2; 3,000 steps at global batch 1024 (one random
+                   window per image per step). Measured 2026-12-01 on 2 shared cores: 92 s for
+                   the command, eval mean rho_hat 0.050, no dead units, 86% of the variance
+                   explained; filters are stroke pieces and noise-like unused tiles. Pooled
+                   (`sae extract --pool 3x3`) the features reach 0.98 linear-probe accuracy on
+                   the 1,252 eval images, 0.97 with 2x2 (README). At Adam 3e-3 and lambda
+                   3e-3 (or 3e-4) the encoder barely left its initialization in 3,000 steps
+                   (18-19% explained, grey filters; probe 0.79 on the pooled features).
   natural-patches  The UFLDL sparseae exercise: 10k random 8x8 patches of natural images,
                    64 -> 25, rho 0.01, lambda 1e-4, beta 3, `ufldl_patches` normalization,
                    sigmoid decoder; 10k Adam steps on 10k patches (under a minute on 2 CPU
@@ -45,6 +57,16 @@ Decoder = Literal["sigmoid", "linear"]
 BatchNorm = Literal["none", "before", "after"]
 Normalization = Literal["unit", "ufldl_patches"]
 Optimizer = Literal["adam", "sgd"]
+
+
+# A unit is dead when its mean activation over a split is below DEAD_FACTOR * rho.
+DEAD_FACTOR = 0.1
+
+
+def dead_units(rho_hat, rho: float):
+    """rho_hat [s] (NumPy or TF: mean activation of each unit over a split) -> bool [s]:
+    the units that (almost) never fire, as every report and gate counts them."""
+    return rho_hat < DEAD_FACTOR * rho
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,18 @@ class TrainConfig:
     #                    (all-reduced across replicas; it converges to the whole-set value and
     #                    needs nothing from the manifest). Inference uses the stored value.
     normalization: Normalization = "unit"
+    # Train on random patch_size x patch_size windows of the dataset's images instead of whole
+    # images (0 = off: the image is the model input). input_shape is then the window,
+    # (K, K, C), and the images may be of any size >= K. Each step takes one window of every
+    # image in its global batch, at offsets drawn by a stateless RNG from (seed, step), so the
+    # stream stays a pure function of (dataset, seed) and resuming stays exact. The export's
+    # `encode_map` then encodes every window of whole images (trainer/conv.py).
+    patch_size: int = 0
+    # ZCA whitening of the inputs after the `unit` normalization, as in UFLDL's linear-decoder
+    # exercise: x' = (x - mean) U diag(1 / sqrt(lambda + zca_epsilon)) U^T, with mean, U and
+    # lambda from the first ZCA_SAMPLES training inputs (trainer/train.py), stored in the model
+    # (checkpoints, export). 0 = off. Whitened inputs are not in [0, 1]: use decoder=linear.
+    zca_epsilon: float = 0.0
     # Optimizer (UFLDL used full-batch L-BFGS; minibatch Adam is the scalable default).
     optimizer: Optimizer = "adam"
     learning_rate: float = 1e-2
@@ -138,6 +172,19 @@ class TrainConfig:
             (c.eval_batches >= 0, "eval_batches", "an integer >= 0 (0 = whole split)"),
             (c.steps_per_execution >= 1, "steps_per_execution", "an integer >= 1"),
             (0.0 < c.eps < 0.5, "eps", "a float in (0, 0.5)"),
+            (c.patch_size >= 0, "patch_size", "an integer >= 0 (0 = whole images)"),
+            (
+                not c.patch_size or c.input_shape[:2] == (c.patch_size, c.patch_size),
+                "patch_size",
+                f"the window size of input_shape (now {'x'.join(map(str, c.input_shape))}); "
+                f"set input_shape={c.patch_size},{c.patch_size},C too",
+            ),
+            (c.zca_epsilon >= 0.0, "zca_epsilon", "a float >= 0 (0 = no whitening)"),
+            (
+                not c.zca_epsilon or c.normalization == "unit",
+                "zca_epsilon",
+                "0 with normalization=ufldl_patches (ZCA whitening follows the unit one)",
+            ),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -213,7 +260,13 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     "mnist": TrainConfig(
         input_shape=(28, 28, 1), hidden=196, rho=0.1, beta=3.0, weight_decay=3e-3,
-        learning_rate=3e-3, global_batch_size=1024, epochs=30, checkpoint_every_steps=500,
+        learning_rate=3e-3, global_batch_size=256, epochs=30, steps_per_epoch=100,
+        checkpoint_every_steps=1000,
+    ),
+    "mnist-conv": TrainConfig(
+        input_shape=(8, 8, 1), patch_size=8, hidden=400, rho=0.05, beta=3.0, weight_decay=1e-4,
+        learning_rate=1e-2, global_batch_size=1024, epochs=30, steps_per_epoch=100,
+        checkpoint_every_steps=1000,
     ),
     "natural-patches": TrainConfig(
         input_shape=(8, 8, 1), hidden=25, rho=0.01, beta=3.0, weight_decay=1e-4,

@@ -13,6 +13,12 @@ Batches hold the global batch; tf.distribute splits each across replicas and
 shards the data across workers by FILE when every worker gets at least
 `MIN_FILES_PER_WORKER` shards, else by DATA (every worker reads all, keeps its part).
 
+Patches (config patch_size K > 0): every batch of images becomes one random KxK window of
+each image (`random_patches`), at offsets drawn by a stateless RNG from (seed, global step),
+after the batch is formed and before tf.distribute splits it, so the windows depend neither
+on the replica count nor on where a run was resumed. Eval batches take windows the same way
+from (seed, -1 - batch index): the same windows in every evaluation.
+
 Order guarantee: the training stream is a pure function of (manifest, seed):
 epoch e is the train split shuffled with seed (seed, e) (a stateless Philox
 permutation in memory; file order plus a seeded shuffle buffer when streaming), and
@@ -66,6 +72,25 @@ def _parse(manifest: Manifest):
     return lambda serialized: records.parse_batch(serialized, shape)["image"]
 
 
+def check_shape(manifest: Manifest, input_shape: tuple[int, int, int], patch_size: int = 0) -> None:
+    """The dataset's images must be the model's input, or hold its windows (patch_size)."""
+    if patch_size:
+        h, w, c = manifest.image_shape
+        if min(h, w) < patch_size or c != input_shape[2]:
+            raise UserError(
+                f"dataset {manifest.root} holds {h}x{w}x{c} images: too small for "
+                f"{patch_size}x{patch_size} patches or not {input_shape[2]} channel(s); "
+                "lower patch_size or use another --data"
+            )
+        return
+    if tuple(manifest.image_shape) != tuple(input_shape):
+        raise UserError(
+            f"dataset {manifest.root} holds {'x'.join(map(str, manifest.image_shape))} images "
+            f"but the model expects {'x'.join(map(str, input_shape))}; pass "
+            f"--set input_shape={','.join(map(str, manifest.image_shape))} or use another --data"
+        )
+
+
 def _paths(manifest: Manifest, split: str) -> list[str]:
     paths = manifest.shard_paths(split)
     if not paths:
@@ -76,13 +101,49 @@ def _paths(manifest: Manifest, split: str) -> list[str]:
     return paths
 
 
+def random_patches(images: tf.Tensor, patch_size: int, key: tf.Tensor) -> tf.Tensor:
+    """One window per image: uint8 [b, H, W, C] -> [b, K, K, C], K = patch_size <= H, W.
+
+    key: int64 [2], the stateless RNG seed; the top-left corners are uniform over the
+    (H - K + 1) x (W - K + 1) valid positions and a pure function of key and b.
+    """
+    shape = tf.shape(images, out_type=tf.int64)
+    span = tf.cast(shape[1:3] - patch_size + 1, tf.float64)  # valid corners per axis
+    u = tf.random.stateless_uniform([shape[0], 2], key, dtype=tf.float64)  # in [0, 1)
+    corner = tf.cast(tf.floor(u * span), tf.int64)
+    offsets = tf.range(patch_size, dtype=tf.int64)
+    rows = corner[:, :1] + offsets  # [b, K]
+    cols = corner[:, 1:] + offsets
+    rows_kept = tf.gather(images, rows, axis=1, batch_dims=1)  # [b, K, W, C]
+    return tf.gather(rows_kept, cols, axis=2, batch_dims=1)  # [b, K, K, C]
+
+
+def _patches_of(ds: tf.data.Dataset, patch_size: int, seed: int, first: int, evaluation: bool):
+    """Batches of images -> batches of windows (identity when patch_size is 0). Batch i,
+    counted from `first`, draws with the key (seed, i) in training (i = the global step) and
+    (seed, -1 - i) in evaluation, so eval windows never reuse a training step's key."""
+    if not patch_size:
+        return ds
+    base = tf.constant(seed, tf.int64)
+
+    def windows(i, images):
+        return random_patches(images, patch_size, tf.stack([base, -1 - i if evaluation else i]))
+
+    return ds.enumerate(first).map(windows, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def train_stream(
-    manifest: Manifest, global_batch_size: int, seed: int, start_step: int = 0
+    manifest: Manifest,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    patch_size: int = 0,
 ) -> tf.data.Dataset:
     """Infinite stream of uint8 batches [global_batch, H, W, C], resumable at a step.
 
     Each epoch is the whole train split shuffled with seed (seed, epoch); a batch never
-    spans two epochs (drop_remainder), so every step has exactly the global batch.
+    spans two epochs (drop_remainder), so every step has exactly the global batch. With
+    patch_size K, each batch is then one random KxK window per image ([global_batch, K, K, C]).
     """
     paths = _paths(manifest, "train")
     per_epoch = manifest.num_examples("train") // global_batch_size
@@ -117,7 +178,7 @@ def train_stream(
                 .flat_map(lambda i: tf.data.Dataset.from_tensor_slices(tf.gather(images, i)))
             )
 
-        ds = epochs.flat_map(batches).skip(skip)
+        ds = _patches_of(epochs.flat_map(batches).skip(skip), patch_size, seed, start_step, False)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(0))
 
     def epoch(e):
@@ -131,6 +192,7 @@ def train_stream(
         epoch, cycle_length=2, block_length=per_epoch, num_parallel_calls=2, deterministic=True
     )
     ds = ds.skip(skip).map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _patches_of(ds, patch_size, seed, start_step, False)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
 
 
@@ -152,9 +214,15 @@ def _read_all(manifest: Manifest, split: str) -> tf.Tensor:
 
 
 def eval_dataset(
-    manifest: Manifest, global_batch_size: int, split: str = "eval", drop_remainder: bool = False
+    manifest: Manifest,
+    global_batch_size: int,
+    split: str = "eval",
+    drop_remainder: bool = False,
+    patch_size: int = 0,
+    seed: int = 0,
 ) -> tf.data.Dataset:
-    """One pass over a split in file order, batched and parsed."""
+    """One pass over a split in file order, batched and parsed; with patch_size, one window
+    per image, the same on every pass (see the module docstring)."""
     paths = _paths(manifest, split)
     n = manifest.num_examples(split)
     batches = n // global_batch_size if drop_remainder else -(-n // global_batch_size)
@@ -162,6 +230,7 @@ def eval_dataset(
     # Known length: Keras shows progress and does not warn about running out of data.
     ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     ds = ds.map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _patches_of(ds, patch_size, seed, 0, True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
 
 

@@ -4,6 +4,12 @@
     a = m.signatures["encode"](images=uint8 [b, H, W, C])["activations"]      # [b, hidden]
     x_hat = m.signatures["reconstruct"](images=...)["reconstructions"]       # [b, H, W, C]
     x = m.signatures["normalize"](images=...)["inputs"]  # what x_hat approximates [b, H, W, C]
+    maps = m.signatures["encode_map"](images=uint8 [b, H, W, C], stride=int32 S)["maps"]
+                                            # [b, H', W', hidden], H, W >= K = the model's input
+
+`encode_map` takes images of any height and width at least the model's input size K and
+encodes every KxK window at stride 1 <= S <= K: maps[:, r, c] equals `encode` of the window at
+(r*S, c*S) (trainer/conv.py says how each normalization is done by convolution).
 
 The input normalization is inside the graph, so callers pass the raw uint8
 pixels the records hold. `trainer.EXPORT_INFO` (JSON beside the SavedModel) records the
@@ -23,7 +29,7 @@ import uuid
 import tensorflow as tf
 
 from preprocessing.manifest import join
-from trainer import EXPORT_INFO
+from trainer import EXPORT_INFO, conv
 
 
 class _Serving(tf.Module):
@@ -34,6 +40,9 @@ class _Serving(tf.Module):
         self.encode = tf.function(self._encode, input_signature=[spec])
         self.reconstruct = tf.function(self._reconstruct, input_signature=[spec])
         self.normalize = tf.function(self._normalize, input_signature=[spec])
+        any_size = tf.TensorSpec([None, None, None, model.config.input_shape[2]], tf.uint8)
+        stride = tf.TensorSpec([], tf.int32, name="stride")
+        self.encode_map = tf.function(self._encode_map, input_signature=[any_size, stride])
 
     def _encode(self, images):
         return {"activations": self.model.encode(images)}
@@ -43,6 +52,24 @@ class _Serving(tf.Module):
 
     def _normalize(self, images):
         return {"inputs": self.model.normalize(images)}
+
+    def _encode_map(self, images, stride):
+        k = self.model.config.input_shape[0]
+        h, w = tf.shape(images)[1], tf.shape(images)[2]
+        checks = [
+            tf.debugging.assert_greater_equal(
+                tf.minimum(h, w), k, message=f"encode_map: images must be at least {k}x{k}"
+            ),
+            tf.debugging.assert_greater_equal(stride, 1, message=f"encode_map: stride 1..{k}"),
+            tf.debugging.assert_less_equal(stride, k, message=f"encode_map: stride 1..{k}"),
+        ]
+        with tf.control_dependencies(checks):
+            # Convolution strides are static: one branch per allowed stride.
+            maps = tf.switch_case(
+                stride - 1,
+                [lambda s=s: conv.encode_map(self.model, images, s) for s in range(1, k + 1)],
+            )
+        return {"maps": maps}
 
 
 def save(model, path: str, info: dict) -> None:
@@ -56,6 +83,7 @@ def save(model, path: str, info: dict) -> None:
             "encode": serving.encode,
             "reconstruct": serving.reconstruct,
             "normalize": serving.normalize,
+            "encode_map": serving.encode_map,
         },
     )
     with tf.io.gfile.GFile(join(tmp, EXPORT_INFO), "w") as f:

@@ -26,9 +26,8 @@ import keras
 import tensorflow as tf
 
 from trainer import losses
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, dead_units
 
-DEAD_FACTOR = 0.1  # a unit is dead when rho_hat_j < DEAD_FACTOR * rho
 SATURATED_RHO_HAT = 0.9  # a unit is saturated when rho_hat_j > this
 L0_THRESHOLD = 0.5  # an activation counts as "on" above this
 
@@ -88,6 +87,12 @@ class SparseAutoencoder(keras.Model):
             # Running pooled moments of mean-removed pixels over all training batches.
             self.pixel_sq_sum = self.add_weight((), dtype="float64", name="pixel_sq_sum", **state)
             self.pixel_count = self.add_weight((), dtype="float64", name="pixel_count", **state)
+        if config.zca_epsilon > 0:
+            # Set once by `fit_zca` before training; the identity until then.
+            self.zca_mean = self.add_weight((n,), name="zca_mean", **state)
+            self.zca_matrix = self.add_weight(
+                (n, n), name="zca_matrix", **{**state, "initializer": "identity"}
+            )
         if config.rho_hat_momentum > 0:
             self.rho_hat_ema = self.add_weight((s,), name="rho_hat_ema", **state)
             self.rho_hat_steps = self.add_weight((), name="rho_hat_steps", **state)
@@ -108,7 +113,11 @@ class SparseAutoencoder(keras.Model):
         images = images_of(images)
         dtype = self.compute_dtype
         if self.config.normalization == "unit":
-            return losses.unit_normalize(images, dtype)
+            x = losses.unit_normalize(images, dtype)
+            if self.config.zca_epsilon > 0:
+                flat = tf.reshape(x, [-1, self.num_inputs]) - self.zca_mean
+                x = tf.reshape(tf.matmul(flat, self.zca_matrix), tf.shape(x))
+            return x
         centered = losses.centered(images, dtype)
         batch_sq, batch_count = losses.centered_moments(centered)
         sq, count = self.pixel_sq_sum, self.pixel_count
@@ -121,6 +130,24 @@ class SparseAutoencoder(keras.Model):
             sq = tf.where(untrained, batch_sq, sq)
             count = tf.where(untrained, batch_count, count)
         return losses.ufldl_rescale(centered, std=tf.sqrt(sq / count))
+
+    def fit_zca(self, images) -> None:
+        """Sets the ZCA whitening from uint8 samples [N, H, W, C] (config.zca_epsilon > 0).
+
+        UFLDL's linear-decoder exercise: mean = the mean input, Sigma = the covariance of
+        x - mean, U diag(lambda) U^T = Sigma, Z = U diag(1 / sqrt(lambda + eps)) U^T
+        (symmetric, so rows or columns alike). In float64 NumPy: one eigendecomposition.
+        """
+        import numpy as np
+
+        x = tf.reshape(losses.unit_normalize(images_of(images), tf.float64), [-1, self.num_inputs])
+        x = x.numpy()
+        mean = x.mean(axis=0)
+        centred = x - mean
+        lam, u = np.linalg.eigh(centred.T @ centred / len(x))
+        zca = (u / np.sqrt(np.maximum(lam, 0.0) + self.config.zca_epsilon)) @ u.T
+        self.zca_mean.assign(mean.astype(self.zca_mean.dtype))
+        self.zca_matrix.assign(zca.astype(self.zca_matrix.dtype))
 
     def _forward(self, images, training: bool):
         """Returns x [m, n], a [m, s] (sigmoid outputs), x_hat [m, n]."""
@@ -348,7 +375,7 @@ class UnitStatistics(keras.metrics.Metric):
         rho_hat = self.unit_rho_hat()
         variance = self.x_sq_sum - tf.reduce_sum(tf.square(self.x_sum)) / tf.maximum(self.count, 1)
         return {
-            "dead_fraction": _fraction(rho_hat < DEAD_FACTOR * self.rho),
+            "dead_fraction": _fraction(dead_units(rho_hat, self.rho)),
             "saturated_fraction": _fraction(rho_hat > SATURATED_RHO_HAT),
             "l0": tf.math.divide_no_nan(self.active, self.count),
             "fraction_variance_explained": 1.0 - tf.math.divide_no_nan(self.sq_error, variance),
@@ -393,12 +420,27 @@ def evaluate_metrics(model: SparseAutoencoder, dataset) -> dict:
     """Final eval values over all of the (finite) `dataset`, as plain floats.
 
     Keys: loss, reconstruction, weight_decay, sparsity, [l1_activity], mean_rho_hat,
-    dead_fraction, saturated_fraction, l0, fraction_variance_explained, eval_examples.
-    The per-unit rho_hat is then `model.unit_rho_hat()`.
+    dead_fraction, saturated_fraction, l0, fraction_variance_explained, eval_examples,
+    loss_batch_mean, sparsity_batch_mean. The per-unit rho_hat is then
+    `model.unit_rho_hat()`.
+
+    `sparsity` and `loss` are UFLDL's J over the whole split: the KL term of the split's
+    rho_hat (its mean activations), so they do not depend on the eval batch size. The KL
+    of a mean is not the mean of batch KLs (it is convex in rho_hat): the mean over
+    batches, each with its own rho_hat, is kept as `*_batch_mean`. The other terms are
+    linear in the examples, so their example-weighted batch means are the split's values.
     """
+    cfg = model.config
     logs = model.evaluate(dataset, return_dict=True, verbose=0)
     out = {k: float(v) for k, v in logs.items()}
     out["eval_examples"] = int(model.unit_stats.count.numpy()) // _replicas_in(model)
+    rho_hat = tf.cast(model.unit_rho_hat(), tf.float64)
+    kl = tf.reduce_sum(losses.kl_divergence(cfg.rho, rho_hat, cfg.eps))
+    out["loss_batch_mean"] = out["loss"]
+    out["sparsity_batch_mean"] = out["sparsity"]
+    out["sparsity"] = cfg.beta * float(kl)
+    linear = ("reconstruction", "weight_decay", "l1_activity")
+    out["loss"] = sum(out.get(k, 0.0) for k in linear) + out["sparsity"]
     return out
 
 

@@ -181,6 +181,23 @@ def _warm_start(model, init_from: str) -> None:
     print(f"train: warm start from {path}", flush=True)
 
 
+ZCA_SAMPLES = 100_000  # inputs the whitening is estimated from (UFLDL's exercise: 100,000)
+
+
+def _fit_zca(model, manifest) -> None:
+    """ZCA whitening from the first training inputs (the stream of step 0 onwards, so every
+    worker computes the same matrix); a resumed run restores it with the checkpoint."""
+    import tensorflow as tf
+
+    from trainer import data
+
+    cfg = model.config
+    batches = -(-ZCA_SAMPLES // cfg.global_batch_size)
+    stream = data.train_stream(manifest, cfg.global_batch_size, cfg.seed, patch_size=cfg.patch_size)
+    model.fit_zca(tf.concat(list(stream.take(batches)), axis=0))
+    print(f"train: ZCA whitening from {batches * cfg.global_batch_size} inputs", flush=True)
+
+
 def _check_config_matches(workdir: str, cfg) -> None:
     import tensorflow as tf
 
@@ -221,7 +238,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
     # Before TensorFlow's import (seconds): bad config and data that lies fail at once.
     cfg = config_lib.apply_overrides(config_lib.preset(args.preset), args.set)
     manifest = manifest_lib.load(args.data)
-    _check_shape(manifest, cfg.input_shape)
     manifest.check_shards()
     import tensorflow as tf
 
@@ -239,15 +255,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
         ) from None
 
 
-def _check_shape(manifest: manifest_lib.Manifest, input_shape: tuple[int, int, int]) -> None:
-    if tuple(manifest.image_shape) != tuple(input_shape):
-        raise UserError(
-            f"dataset {manifest.root} holds {'x'.join(map(str, manifest.image_shape))} images "
-            f"but the model expects {'x'.join(map(str, input_shape))}; pass "
-            f"--set input_shape={','.join(map(str, manifest.image_shape))} or use another --data"
-        )
-
-
 def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> dict:
     from trainer import cluster, distribute
 
@@ -260,6 +267,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
     from trainer import data, export, visualize
     from trainer import model as model_lib
 
+    data.check_shape(manifest, cfg.input_shape, cfg.patch_size)
     data.check_readable(manifest)
     chief = distribute.is_chief()
     workdir = args.workdir.rstrip("/")
@@ -285,6 +293,8 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
         ckpt.restore(latest).assert_existing_objects_matched()
     elif args.init_from:
         _warm_start(model, args.init_from)
+    elif cfg.zca_epsilon:
+        _fit_zca(model, manifest)
     step = int(optimizer.iterations.numpy())
     per_epoch = data.steps_per_epoch(manifest, cfg.global_batch_size, cfg.steps_per_epoch)
     total = cfg.epochs * per_epoch
@@ -299,7 +309,9 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
         flush=True,
     )
 
-    eval_ds = data.eval_dataset(manifest, cfg.global_batch_size)
+    eval_ds = data.eval_dataset(
+        manifest, cfg.global_batch_size, patch_size=cfg.patch_size, seed=cfg.seed
+    )
     if cfg.eval_batches:
         # On the dataset, not validation_steps: Keras would round that up to a whole call.
         eval_ds = eval_ds.take(cfg.eval_batches)
@@ -310,7 +322,13 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
         # A resumed run first finishes its interrupted epoch, then runs whole epochs.
         while step < total and not _Stop.requested:
             epoch, into = divmod(step, per_epoch)
-            stream = data.train_stream(manifest, cfg.global_batch_size, cfg.seed, start_step=step)
+            stream = data.train_stream(
+                manifest,
+                cfg.global_batch_size,
+                cfg.seed,
+                start_step=step,
+                patch_size=cfg.patch_size,
+            )
             model.fit(
                 stream,
                 initial_epoch=epoch,
@@ -372,7 +390,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
             join(workdir, "filters.png"),
             visualize.png_bytes(visualize.filter_grid(model.w1.numpy(), cfg.input_shape)),
         )
-        batch = next(iter(data.eval_dataset(manifest, 16)))
+        batch = next(iter(data.eval_dataset(manifest, 16, patch_size=cfg.patch_size)))
         x = model.normalize(batch).numpy()
         x_hat = model.reconstruct(batch).numpy()
         _write(

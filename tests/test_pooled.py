@@ -1,0 +1,119 @@
+"""`sae extract --pool` end to end on the real Beam runner: every key exactly once, each
+pooled vector equal to a NumPy reference (windows cut out, `encode`, pooled over the grid),
+the manifest's pooling record, and one-line errors for sizes that do not fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from pipeline import extract, features
+from preprocessing import job, manifest, records
+from tests.test_conv import K, _naive_maps, _numpy_pool
+from tests.test_extract import FAST, _cli
+from trainer import export
+from trainer.config import apply_overrides, preset
+from trainer.model import SparseAutoencoder
+
+H, W = 11, 9  # not square, so that a swap of the map's axes shows
+HIDDEN = 5
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    """24 labelled H x W grey images (3 classes), preprocessed with an eval split."""
+    folder = tmp_path_factory.mktemp("pngs")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (folder / f"c{i % 3}").mkdir(exist_ok=True)
+        pixels = rng.integers(0, 256, (H, W), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"c{i % 3}" / f"im{i:02d}.png")
+    out = str(tmp_path_factory.mktemp("data") / "data")
+    job.run(["--input", str(folder), "--output", out, "--eval-fraction", "0.25", *FAST])
+    return out
+
+
+def _patch_model(path, k: int) -> str:
+    """An untrained KxK patch model with random weights, exported to `path`."""
+    cfg = apply_overrides(
+        preset("tiny"), [f"input_shape={k},{k},1", f"patch_size={k}", f"hidden={HIDDEN}"]
+    )
+    model = SparseAutoencoder(cfg)
+    rng = np.random.default_rng(1)
+    model.w1.assign(rng.normal(0, 1.0, model.w1.shape).astype(np.float32))
+    model.b1.assign(rng.normal(0, 1.0, HIDDEN).astype(np.float32))
+    export.save(model, str(path), {"config": cfg.to_dict(), "image_shape": [k, k, 1]})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return _patch_model(tmp_path_factory.mktemp("model") / "export", K)
+
+
+def _serialized(paths: list[str]):
+    return (r.numpy() for r in tf.data.TFRecordDataset(paths))
+
+
+def _records(data: str) -> dict[str, tuple[records.Record, str]]:
+    m = manifest.load(data)
+    return {
+        rec.key: (rec, split)
+        for split in ("train", "eval")
+        for rec in map(records.decode, _serialized(m.shard_paths(split)))
+    }
+
+
+@pytest.mark.parametrize(
+    ("grid", "op", "stride", "sparsify"),
+    [(2, "mean", 1, []), (3, "max", 2, ["--sparsify", "none"])],
+)
+def test_every_image_once_and_equal_to_a_numpy_reference(
+    images, model, tmp_path, grid, op, stride, sparsify
+):
+    out = str(tmp_path / "feats")
+    m = extract.run(
+        [
+            "--data", images, "--model", model, "--output", out, *sparsify,
+            "--pool", f"{grid}x{grid}", "--pool-op", op, "--stride", str(stride),
+            "--batch-size", "7", "--num-shards", "2", *FAST,
+        ]
+    )  # fmt: skip
+    assert m["sparsify"] == "none"  # also the default with --pool: a pooled value is a rate
+    want = _records(images)
+    assert m["num_inputs"] == m["num_written"] == len(want) == 24 and m["num_errors"] == 0
+    assert m["pooling"] == {"grid": grid, "op": op, "stride": stride}
+    assert m["dim"] == grid * grid * HIDDEN
+    matrix, keys, labels, splits = features.sparse_matrix(out)
+    assert matrix.shape == (24, grid * grid * HIDDEN)
+    assert sorted(keys) == sorted(want)  # every key exactly once
+    encode = tf.saved_model.load(model).signatures["encode"]
+    stack = np.stack([want[k][0].image for k in keys])
+    acts = lambda x: encode(images=tf.constant(x))["activations"].numpy()  # noqa: E731
+    maps = _naive_maps(acts, stack, stride)
+    np.testing.assert_allclose(matrix.toarray(), _numpy_pool(maps, grid, op), rtol=1e-5, atol=1e-6)
+    assert [want[k][0].label for k in keys] == list(labels)
+    assert [want[k][1] for k in keys] == list(splits)
+
+
+@pytest.mark.parametrize(
+    ("k", "flags", "needle"),
+    [
+        (10, ["--pool", "2x2"], "11x9 images are smaller than the model's 10x10 windows"),
+        (K, ["--pool", "7x7"], "--pool 7x7 does not fit a 8x6 map"),
+        (K, ["--pool", "3x3", "--stride", "4"], "--pool 3x3 does not fit a 2x2 map"),
+        (K, ["--pool", "2x2", "--stride", "5"], "invalid --stride 5: expected 1..4"),
+        (K, ["--pool", "2x3"], "invalid --pool '2x3'"),
+    ],
+)
+def test_sizes_that_do_not_fit_are_one_error_line(images, model, tmp_path, k, flags, needle):
+    path = model if k == K else _patch_model(tmp_path / "export", k)
+    out = tmp_path / "feats"
+    r = _cli("extract", "--data", images, "--model", path, "--output", str(out), *flags, *FAST)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sae extract: error: "), r.stderr[-2000:]
+    assert needle in lines[0]
+    assert not out.exists() or not any(out.iterdir())
