@@ -155,18 +155,6 @@ CASES = [
     _c("extract-count-lies", "extract --data {count_lies} --model {model} --output {out}",
        "records but its manifest counts", result="manifest.json"),
     # --- storage unreachable or forbidden: one request, one line, every command ---
-    _c("gcs-unreachable-input", "preprocess --input gs://b/photos --output {out}",
-       "--input gs://b/photos: cannot reach Cloud Storage", env=UNREACHABLE),
-    _c("gcs-unreachable-output", "preprocess --input builtin:digits --output gs://b/ds",
-       "--output gs://b/ds: cannot reach Cloud Storage", env=UNREACHABLE),
-    _c("gcs-unreachable-train", "train --data {data} --workdir gs://b/run",
-       "--workdir gs://b/run: cannot reach", env=UNREACHABLE),
-    _c("gcs-unreachable-extract", "extract --data {data} --model gs://b/models --output {out}",
-       "--model gs://b/models: cannot reach", env=UNREACHABLE),
-    _c("gcs-unreachable-models", "models list --models-root gs://b/models",
-       "--models-root gs://b/models: cannot reach", env=UNREACHABLE),
-    _c("gcs-unreachable-datasets", "datasets export digits gs://b/png",
-       "gs://b/png: cannot reach Cloud Storage", env=UNREACHABLE),
     _c("gcs-no-credentials", "preprocess --input gs://b/photos --output {out}",
        "--input gs://b/photos: no Google Cloud credentials found", env=NO_CREDENTIALS),
     _c("gcs-no-credentials-retrain", "retrain --data {data} --models-root gs://b/models",
@@ -175,6 +163,20 @@ CASES = [
        "bucket 'no-such-bucket' does not exist"),
     _c("gcs-no-bucket-probe", "evaluate-features --features gs://no-such-bucket/f --data {data}",
        "bucket 'no-such-bucket' does not exist"),
+]
+# Cloud Storage unreachable, for reads and writes of every command: (command line, the
+# flag and URI the error line names).
+CASES += [
+    _c(f"gcs-unreachable-{argv.split()[0]}-{i}", argv,
+       f"{where}: cannot reach Cloud Storage", env=UNREACHABLE)
+    for i, (argv, where) in enumerate([
+        ("preprocess --input gs://b/photos --output {out}", "--input gs://b/photos"),
+        ("preprocess --input builtin:digits --output gs://b/ds", "--output gs://b/ds"),
+        ("train --data {data} --workdir gs://b/run", "--workdir gs://b/run"),
+        ("extract --data {data} --model gs://b/models --output {out}", "--model gs://b/models"),
+        ("models list --models-root gs://b/models", "--models-root gs://b/models"),
+        ("datasets export digits gs://b/png", "gs://b/png"),
+    ])
 ]
 # fmt: on
 
