@@ -49,15 +49,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    # Quiet TensorFlow's C++ start-up chatter; users still see warnings that matter.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ start-up lines read as failures to a new user (errors that matter
+    # surface as Python exceptions); --verbose of preprocess/extract, or
+    # TF_CPP_MIN_LOG_LEVEL=0, shows them. Before TensorFlow is imported, anywhere.
+    from preprocessing import tf_noise
     from preprocessing.errors import UserError
+
+    verbose = name in ("preprocess", "extract") and "--verbose" in rest
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0":
+        tf_noise.quiet_import()
 
     # As PID 1 in a container, a process without a SIGTERM handler ignores SIGTERM; exit as
     # the default handler would (`sae train` installs its own, which checkpoints first).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     module = importlib.import_module(COMMANDS[name][0])
     try:
+        if name != "k8s":  # k8s passes gs:// URIs on to the cluster's pods
+            from preprocessing import storage
+
+            storage.check_access(storage.uris_in_argv(rest))
         module.run(rest)
     except UserError as e:
         print(f"sae {name}: error: {e}", file=sys.stderr)

@@ -24,6 +24,8 @@ import contextlib
 import datetime
 import functools
 import json
+import math
+import os
 import uuid
 from collections.abc import Sequence
 
@@ -37,21 +39,24 @@ from pipeline import models, pooled
 from preprocessing import (
     decode,
     exiting,
+    flags,
     images,
     jobkit,
     progress,
     records,
     sharding,
     sources,
+    tf_noise,
     wire,
 )
 from preprocessing import manifest as manifest_lib
 from preprocessing.decode import Example
-from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
+from preprocessing.errors import EXIT_BAD_INPUT, EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
 from preprocessing.manifest import ERRORS_FILE, MANIFEST_NAME, absolute, join
 from trainer.config import dead_units
 
 STAGING_PREFIX = ".staging-"
+FAILED_NAME = jobkit.FAILED_NAME
 FORMATS = ("tfrecord", "parquet")
 
 
@@ -68,7 +73,7 @@ def parse_sparsify(text: str, rho: float) -> tuple[str, float]:
     try:
         if kind == "none" and not value:
             return "none", 0.0
-        if kind == "threshold":
+        if kind == "threshold" and math.isfinite(float(value)):
             return "threshold", float(value)
         if kind == "topk" and int(value) >= 1:
             return "topk", int(value)
@@ -139,6 +144,8 @@ class Encode(beam.DoFn):
         self.reporter, self.pooling = reporter, pooling
 
     def setup(self):
+        if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") != "0":  # the CLI's choice
+            tf_noise.quiet_import()  # a worker process: its stderr is the user's
         import tensorflow as tf
 
         self._tf = tf
@@ -215,17 +222,39 @@ class Finalize(beam.DoFn):
     """Once, after everything is staged: check counts, swap the staged set in, write the
     manifest (the header element plus what was measured) last."""
 
-    def __init__(self, out: str, staging: str, max_error_fraction: float):
+    def __init__(
+        self, out: str, staging: str, max_error_fraction: float, shard_counts: dict | None = None
+    ):
         self.out, self.staging = out, staging
         self.max_error_fraction = max_error_fraction
+        self.shard_counts = shard_counts  # dataset input: {shard path: manifest count}
 
-    def process(self, header, shards, stats, num_inputs, num_errors):
+    def _fail(self, reason: str, exit_code: int) -> list:
+        # No manifest: the driver reports the reason; the staged set is left for inspection.
+        text = json.dumps({"reason": reason, "exit_code": exit_code})
+        sharding.write_atomically(join(self.staging, FAILED_NAME), [text.encode()])
+        return []
+
+    def process(self, header, shards, stats, num_inputs, num_errors, read_counts=None):
         written = sum(s["num_examples"] for s in shards)
         if written + num_errors != num_inputs:
             raise RuntimeError(f"accounting bug: {num_inputs} inputs != {written} + {num_errors}")
-        if num_inputs and num_errors / num_inputs > self.max_error_fraction:
-            # No manifest: the driver reports it; the staged set is left for inspection.
-            return []
+        if self.shard_counts is not None:
+            # Fewer records than counted is lost data; extra ones are inputs like any other
+            # (encoded or error entries), so they are accounted for already.
+            for path, count in sorted(self.shard_counts.items()):
+                if read_counts.get(path, 0) < count:
+                    return self._fail(
+                        f"shard {path} holds {read_counts.get(path, 0)} records but its "
+                        f"manifest counts {count}; rerun `sae preprocess` for this dataset",
+                        EXIT_BAD_INPUT,
+                    )
+        if num_inputs and (written == 0 or num_errors / num_inputs > self.max_error_fraction):
+            reason = f"{num_errors} of {num_inputs} inputs could not be encoded " + (
+                "(all of them)" if written == 0 else "(over --max-error-fraction)"
+            )
+            errors = join(self.staging, ERRORS_FILE)
+            return self._fail(f"{reason}; reasons in {errors}", EXIT_TOO_MANY_ERRORS)
         dim = header["dim"]
         count, hist, kept, act_sum = stats or (0, np.zeros(dim + 1), np.zeros(dim), np.zeros(dim))
         rates = kept / max(count, 1)
@@ -322,7 +351,10 @@ def make_parser() -> ArgumentParser:
         "keeps all (default: threshold at the model's rho; none with --pool)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=256, help="max examples per encode call (default: 256)"
+        "--batch-size",
+        type=flags.positive_int,
+        default=256,
+        help="max examples per encode call (default: 256)",
     )
     p.add_argument(
         "--split",
@@ -349,12 +381,15 @@ def make_parser() -> ArgumentParser:
         help="with --pool: how each region is reduced (default: mean)",
     )
     p.add_argument(
-        "--stride", type=int, default=1, help="with --pool: window step in pixels (default: 1)"
+        "--stride",
+        type=flags.positive_int,
+        default=1,
+        help="with --pool: window step in pixels, up to the window (default: 1)",
     )
     sharding.add_arguments(p, "feature")
     p.add_argument(
         "--max-error-fraction",
-        type=float,
+        type=flags.fraction,
         default=0.1,
         help="fail (exit 3) if more than this share of inputs fails (default: 0.1)",
     )
@@ -373,6 +408,40 @@ def make_parser() -> ArgumentParser:
     return p
 
 
+def _dataset_input(
+    root: str, split_flag: str, shape: tuple, export_dir: str, pooling
+) -> tuple[manifest_lib.Manifest, list[str], tuple]:
+    """A preprocessed --data, checked up front: its manifest, the --split names (known,
+    with examples), cheap checks of their shards, and the shape of its records."""
+    data = manifest_lib.load(absolute(root))
+    if pooling:  # any image size the windows and the grid fit; records must be it
+        pooled.check_fits(pooling, data.image_shape, shape)
+        shape = data.image_shape
+    elif data.image_shape != shape:
+        raise UserError(
+            f"dataset {root}: "
+            + decode.shape_mismatch(
+                data.image_shape,
+                f"the model at {export_dir} takes {'x'.join(map(str, shape))}",
+                "use a model trained on this dataset, or raw images (they are resized)",
+            )
+        )
+    splits = [s.strip() for s in split_flag.split(",") if s.strip()]
+    unknown = [s for s in splits if s not in decode.SPLITS]
+    if unknown or not splits:
+        raise UserError(
+            f"invalid --split {split_flag!r}: use a comma-separated list of "
+            f"{', '.join(decode.SPLITS)}"
+        )
+    if not sum(data.num_examples(s) for s in splits):
+        raise UserError(
+            f"dataset {root} has no examples in split(s) {', '.join(splits)}; choose "
+            "--split " + ",".join(s for s in decode.SPLITS if data.num_examples(s))
+        )
+    data.check_shards(tuple(splits))
+    return data, splits, shape
+
+
 def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the features manifest."""
     args, beam_args = make_parser().parse_known_args(argv)
@@ -380,8 +449,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not formats or set(formats) - set(FORMATS):
         raise UserError(f"invalid --format {args.format!r}: use tfrecord, parquet or both")
-    if args.batch_size < 1:
-        raise UserError(f"invalid --batch-size {args.batch_size}: expected >= 1")
     export_dir, version = models.resolve(absolute(args.model))
     info = models.export_info(export_dir)
     shape = tuple(info["image_shape"])
@@ -401,6 +468,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     staging = join(out, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
 
     is_dataset = FileSystems.exists(join(args.data, MANIFEST_NAME))
+    if is_dataset:
+        data, splits, shape = _dataset_input(args.data, args.split, shape, export_dir, pooling)
+    else:
+        source = sources.parse(args.data, flag="--data")
     header = {
         "format_version": fr.FORMAT_VERSION,
         "kind": fr.KIND,
@@ -428,31 +499,22 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     with jobkit.running(options, "extract", "rows", args.quiet) as (p, reporter):
         if is_dataset:
-            data = manifest_lib.load(absolute(args.data))
-            if pooling:  # any image size the windows and the grid fit; records must be it
-                pooled.check_fits(pooling, data.image_shape, shape)
-                shape = data.image_shape
-            elif data.image_shape != shape:
-                raise UserError(
-                    f"dataset {args.data}: "
-                    + decode.shape_mismatch(
-                        data.image_shape,
-                        f"the model at {export_dir} takes {'x'.join(map(str, shape))}",
-                        "use a model trained on this dataset, or raw images (they are resized)",
-                    )
-                )
-            splits = [s.strip() for s in args.split.split(",") if s.strip()]
             split_of = {path: s for s in splits for path in data.shard_paths(s)}
             header["label_names"] = data.label_names
-            parsed = (
+            read = (
                 p
                 | "ShardPaths" >> beam.Create(sorted(split_of))
                 | "ReadRecords" >> beam.io.ReadAllFromTFRecord(with_filename=True)
-                | "Parse"
-                >> beam.FlatMap(parse_input_record, shape, split_of).with_outputs(
-                    "errors", main="examples"
-                )
             )
+            # Records per file, to name a shard that holds other than its manifest count.
+            read_counts = (
+                read
+                | "FileOfRecord" >> beam.Map(lambda element: element[0])
+                | "CountPerFile" >> beam.combiners.Count.PerElement()
+            )
+            parsed = read | "Parse" >> beam.FlatMap(
+                parse_input_record, shape, split_of
+            ).with_outputs("errors", main="examples")
             errors = parsed.errors
             batches = parsed.examples | "Batch" >> beam.BatchElements(
                 min_batch_size=min(32, args.batch_size), max_batch_size=args.batch_size
@@ -467,7 +529,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 [sum(data.num_examples(s) for s in splits)]
             )
         else:
-            source = sources.parse(args.data)
             decoding = decode.DecodeOptions(shape, resize=True, aspect=args.aspect)
             decoded = p | "ReadAndDecode" >> decode.ReadAndDecode(
                 source, decoding, sources.label_names(source)
@@ -476,6 +537,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             batches = decoded.examples | "NoSplit" >> beam.Map(_without_split)
             errors = decoded.errors
             count = expected = decoded.num_inputs
+            read_counts = None
             header["label_names"] = None  # filled below from the decoded labels
         _ = expected | "ReportTotal" >> beam.Map(reporter.set_total)
         encoded = batches | "Encode" >> beam.ParDo(
@@ -507,25 +569,25 @@ def run(argv: Sequence[str] | None = None) -> dict:
             )
         else:
             header_pc = p | "Header" >> beam.Create([header])
+        shard_counts = dict(sum((data.shards(s) for s in splits), [])) if is_dataset else None
         _ = header_pc | "Finalize" >> beam.ParDo(
-            Finalize(out, staging, args.max_error_fraction),
+            Finalize(out, staging, args.max_error_fraction, shard_counts),
             beam.pvalue.AsList(sharded.shards),
             si(stats),
             si(count),
             si(num_errors),
+            **({"read_counts": beam.pvalue.AsDict(read_counts)} if is_dataset else {}),
         )
     return _report(out, staging)
 
 
 def _report(out: str, staging: str) -> dict:
     path = join(out, MANIFEST_NAME)
-    if not FileSystems.exists(path):
-        errors = join(staging, ERRORS_FILE)
-        raise UserError(
-            f"too many inputs could not be encoded (over --max-error-fraction); reasons in "
-            f"{errors}; no manifest was written",
-            exit_code=EXIT_TOO_MANY_ERRORS,
-        )
+    failed = join(staging, FAILED_NAME)
+    if FileSystems.exists(failed):
+        with FileSystems.open(failed) as f:
+            info = json.load(f)
+        raise UserError(f"{info['reason']}; no manifest was written", info["exit_code"])
     with FileSystems.open(path) as f:
         m = json.load(f)
     print(

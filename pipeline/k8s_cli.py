@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from preprocessing import flags
 from preprocessing.errors import ArgumentParser, UserError
 
 JOBS = ("preprocess", "train", "extract", "retrain")  # also the order of --job all
@@ -53,16 +54,6 @@ def default_manifests() -> Path:
 # ----------------------------------------------------------------------------
 # Flags.
 # ----------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def _setting(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -86,7 +77,7 @@ def make_parser() -> ArgumentParser:
     common.add_argument("--image", help="container image, e.g. REGISTRY/sae-pipeline:TAG")
     common.add_argument(
         "--workers",
-        type=_positive,
+        type=flags.positive_int,
         metavar="N",
         help="training workers: the train Job's completions and parallelism, SAE_NUM_WORKERS",
     )
@@ -132,13 +123,17 @@ def make_parser() -> ArgumentParser:
     )
     s.add_argument(
         "--timeout",
-        type=float,
+        type=flags.non_negative_number,
         default=86400.0,
         metavar="SECONDS",
         help="stop following a job after this long (default: 86400)",
     )
     s.add_argument(
-        "--poll", type=float, default=10.0, metavar="SECONDS", help="status poll interval"
+        "--poll",
+        type=flags.non_negative_number,
+        default=10.0,
+        metavar="SECONDS",
+        help="status poll interval",
     )
     s.add_argument(
         "--replace",

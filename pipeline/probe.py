@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from preprocessing import flags
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import join
 
@@ -25,7 +26,12 @@ def make_parser() -> ArgumentParser:
     p.add_argument(
         "--data", required=True, help="the `sae preprocess` output the features were extracted from"
     )
-    p.add_argument("--max-iter", type=int, default=2000, help="logistic regression iterations")
+    p.add_argument(
+        "--max-iter",
+        type=flags.positive_int,
+        default=2000,
+        help="logistic regression iterations (default: 2000)",
+    )
     return p
 
 
@@ -84,6 +90,12 @@ def probe(features_root: str, data_root: str, max_iter: int = 2000) -> dict:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
+    from pipeline import features
+    from preprocessing import manifest
+
+    # Both inputs checked before TensorFlow's import (seconds).
+    features.load(args.features)
+    manifest.load(args.data).check_shards()
     import tensorflow as tf
 
     result = probe(args.features, args.data, args.max_iter)

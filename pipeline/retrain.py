@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline import models
+from preprocessing import flags, sources
+from preprocessing import manifest as manifest_lib
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import MANIFEST_NAME, join
 from trainer.config import dead_units
@@ -74,7 +76,6 @@ def evaluate_export(
     """
     import tensorflow as tf
 
-    from preprocessing import manifest as manifest_lib
     from trainer import data
 
     info = models.export_info(export_dir)
@@ -135,19 +136,19 @@ def make_parser() -> ArgumentParser:
     g = Gate()
     p.add_argument(
         "--max-reconstruction-increase",
-        type=float,
+        type=flags.non_negative_number,
         default=g.max_reconstruction_increase,
         help=f"relative (default: {g.max_reconstruction_increase})",
     )
     p.add_argument(
         "--rho-tolerance",
-        type=float,
+        type=flags.non_negative_number,
         default=g.rho_tolerance,
         help=f"relative to rho (default: {g.rho_tolerance})",
     )
     p.add_argument(
         "--max-dead-fraction",
-        type=float,
+        type=flags.fraction,
         default=g.max_dead_fraction,
         help=f"(default: {g.max_dead_fraction})",
     )
@@ -157,16 +158,22 @@ def make_parser() -> ArgumentParser:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Returns the verdict."""
     args, passthrough = make_parser().parse_known_args(argv)
-    import tensorflow as tf
+    from apache_beam.io.filesystems import FileSystems
 
     from preprocessing import job as preprocess_job
     from trainer import config, train
 
+    # Before any preprocessing: `sae train` would check the config only after it.
+    config.apply_overrides(config.preset(args.preset), args.set)
+    if args.eval_data:  # read only after training otherwise
+        manifest_lib.load(args.eval_data).check_shards(("eval",))
     root = args.models_root.rstrip("/")
     version = models.new_version()
     vdir = join(root, "versions", version)
     data = args.data
-    if not tf.io.gfile.exists(join(data, MANIFEST_NAME)):
+    if not FileSystems.exists(join(data, MANIFEST_NAME)):
+        # Checked here, so a bad --data is reported as --data, not as preprocess's --input.
+        sources.parse(args.data, flag="--data")
         data = join(root, "datasets", version)
         print(f"retrain: preprocessing {args.data} -> {data}", flush=True)
         preprocess_job.run(["--input", args.data, "--output", data, *passthrough])

@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from preprocessing import (
     decode,
+    flags,
     images,
     jobkit,
     progress,
@@ -42,7 +43,7 @@ from preprocessing.decode import SPLITS
 from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
 from preprocessing.manifest import ERRORS_FILE, KIND, MANIFEST_NAME, absolute, join
 
-FAILED_NAME = "_FAILED.json"
+FAILED_NAME = jobkit.FAILED_NAME
 
 
 # ----------------------------------------------------------------------------
@@ -56,20 +57,6 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HxW like 28x28, got {text!r}") from None
     return h, w
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -114,14 +101,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--patches",
-        type=_positive,
+        type=flags.positive_int,
         metavar="N",
         help="instead of whole images, sample N random patches per image "
         "(UFLDL natural-image mode)",
     )
     p.add_argument(
         "--patch-size",
-        type=_positive,
+        type=flags.positive_int,
         default=8,
         metavar="K",
         help="patch side in pixels with --patches (default: 8)",
@@ -129,7 +116,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for patch sampling (default: 0)")
     p.add_argument(
         "--eval-fraction",
-        type=_fraction,
+        type=flags.fraction,
         default=0.1,
         help="share of inputs that go to the eval split, by a hash of the "
         "input's key, so reruns split identically (default: 0.1)",
@@ -143,14 +130,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-error-fraction",
-        type=_fraction,
+        type=flags.fraction,
         default=0.1,
         help="fail (exit 3, after writing the error report) if more than this "
         "share of inputs is rejected (default: 0.1)",
     )
     p.add_argument(
         "--max-pixels",
-        type=_positive,
+        type=flags.positive_int,
         default=images.MAX_PIXELS,
         help=f"reject images with more pixels (decompression bombs) (default: {images.MAX_PIXELS})",
     )
@@ -373,11 +360,15 @@ def _report(out: str) -> dict:
     if FileSystems.exists(failed):
         with FileSystems.open(failed) as f:
             info = json.load(f)
+        why = (
+            "all of them: nothing to write"
+            if info["num_errors"] == info["num_inputs"]
+            else f"{info['error_fraction']:.1%} > --max-error-fraction "
+            f"{info['max_error_fraction']:.1%}"
+        )
         raise UserError(
-            f"{info['num_errors']} of {info['num_inputs']} inputs were rejected "
-            f"({info['error_fraction']:.1%} > --max-error-fraction "
-            f"{info['max_error_fraction']:.1%}); reasons in {join(out, ERRORS_FILE)}; "
-            "no manifest was written",
+            f"{info['num_errors']} of {info['num_inputs']} inputs were rejected ({why}); "
+            f"reasons in {join(out, ERRORS_FILE)}; no manifest was written",
             exit_code=EXIT_TOO_MANY_ERRORS,
         )
     with FileSystems.open(join(out, MANIFEST_NAME)) as f:

@@ -29,6 +29,8 @@ from preprocessing.errors import UserError
 from preprocessing.manifest import MANIFEST_NAME, join
 
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner")
+# Written instead of the manifest when a job fails after writing its error report.
+FAILED_NAME = "_FAILED.json"
 
 
 def configure_logging(verbose: bool) -> None:

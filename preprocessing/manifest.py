@@ -64,10 +64,40 @@ class Manifest:
     def num_examples(self, split: str) -> int:
         return int(self.data["splits"].get(split, {}).get("num_examples", 0))
 
+    def shards(self, split: str) -> list[tuple[str, int]]:
+        """(absolute URI, example count) of a split's non-empty shards."""
+        shards = self.data["splits"].get(split, {}).get("shards", [])
+        return [
+            (join(self.root, s["path"]), s["num_examples"]) for s in shards if s["num_examples"]
+        ]
+
     def shard_paths(self, split: str) -> list[str]:
         """Absolute URIs of a split's non-empty shards."""
-        shards = self.data["splits"].get(split, {}).get("shards", [])
-        return [join(self.root, s["path"]) for s in shards if s["num_examples"] > 0]
+        return [path for path, _ in self.shards(split)]
+
+    def check_shards(self, splits: tuple[str, ...] = ("train", "eval")) -> None:
+        """Cheap checks of every shard the manifest counts examples in, before a job reads
+        them: present, not empty, and starting like a TFRecord (or a gzip stream). One
+        small read per shard; a shard that lies about its count later is caught by the
+        reader."""
+        from apache_beam.io.filesystem import CompressionTypes
+        from apache_beam.io.filesystems import FileSystems
+
+        from preprocessing import wire
+
+        gzip = self.compression == "GZIP"
+        for split in splits:
+            for path, count in self.shards(split):
+                what = f"shard {path} of dataset {self.root} (manifest: {count} {split} examples)"
+                if not FileSystems.exists(path):
+                    raise UserError(f"{what} is missing; rerun `sae preprocess`")
+                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                    head = f.read(wire.TFRECORD_HEADER_BYTES)
+                if not head:
+                    raise UserError(f"{what} is empty (0 bytes); rerun `sae preprocess`")
+                if not (head[:2] == b"\x1f\x8b" if gzip else wire.tfrecord_header_ok(head)):
+                    kind = "a gzip file" if gzip else "a TFRecord file"
+                    raise UserError(f"{what} is not {kind}; rerun `sae preprocess`")
 
 
 def load(root: str) -> Manifest:

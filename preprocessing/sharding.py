@@ -25,6 +25,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
+from preprocessing import flags
 from preprocessing.manifest import join
 
 # Enough data for >= 10 shards (TensorFlow's guidance for parallel reads and FILE
@@ -75,14 +76,14 @@ def add_arguments(parser, what: str) -> None:
     """--num-shards and --target-shard-mb, for the jobs that write shards."""
     parser.add_argument(
         "--num-shards",
-        type=int,
+        type=flags.positive_int,
         metavar="N",
         help=f"{what} shards (default: from --target-shard-mb, with at least "
         f"10 when each gets >= {MIN_ELEMENTS_PER_SHARD} elements)",
     )
     parser.add_argument(
         "--target-shard-mb",
-        type=float,
+        type=flags.positive_number,
         default=100.0,
         help="target shard size in MB (default: 100)",
     )

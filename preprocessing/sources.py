@@ -61,13 +61,13 @@ class Source:
     data_dir: str | None = None  # tfds only
 
 
-def parse(src: str, tfds_data_dir: str | None = None) -> Source:
-    """Classifies SRC; raises UserError if it names nothing that exists."""
+def parse(src: str, tfds_data_dir: str | None = None, flag: str = "--input") -> Source:
+    """Classifies SRC (given as `flag`); raises UserError if it names nothing that exists."""
     if src.startswith("builtin:"):
         name = src.split(":", 1)[1]
         if name not in builtin.NAMES:
             raise UserError(
-                f"unknown built-in dataset {name!r} in --input {src}; "
+                f"unknown built-in dataset {name!r} in {flag} {src}; "
                 f"choose one of: {', '.join('builtin:' + n for n in builtin.NAMES)}"
             )
         return Source("builtin", name)
@@ -78,7 +78,7 @@ def parse(src: str, tfds_data_dir: str | None = None) -> Source:
     path = absolute(src)  # workers read it, in their own working directory
     if src.lower().endswith(LIST_SUFFIXES) and not _GLOB_CHARS & set(src):
         if not FileSystems.exists(path):
-            raise UserError(f"list file {src} does not exist; check the --input path")
+            raise UserError(f"list file {src} does not exist; check the {flag} path")
         return Source("list", path)
     if _GLOB_CHARS & set(path):
         root = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
@@ -87,11 +87,25 @@ def parse(src: str, tfds_data_dir: str | None = None) -> Source:
         root = path.rstrip("/")
         pattern = root + "/**"
     if not FileSystems.match([pattern], limits=[1])[0].metadata_list:
-        raise UserError(
-            f"no files found at {src} (matched {pattern}); check the --input path and "
-            "that it is a folder, glob, gs:// prefix or list file with images in it"
-        )
+        raise UserError(_nothing_at(src, path, pattern, flag))
     return Source("files", pattern, root=root)
+
+
+def _nothing_at(src: str, path: str, pattern: str, flag: str) -> str:
+    """Why SRC, which matched no files, is not a collection: said as what it really is."""
+    kinds = "a folder, glob, gs:// prefix or list file (.txt/.csv/.lst: uri[,label] per line)"
+    if pattern != path:  # a folder or prefix, not a glob
+        remote = "://" in path
+        if (FileSystems.exists(path) and remote) or (not remote and os.path.isfile(path)):
+            return (
+                f"{flag} {src} is a single file, not {kinds}; pass the folder it is in, "
+                "or a list file naming it"
+            )
+        if not remote and not os.path.exists(path):
+            return f"{flag} {src} does not exist; check the path"
+        where = "folder" if not remote else "prefix"
+        return f"{flag} {src}: the {where} has no files in it; expected {kinds} of images"
+    return f"{flag} {src}: the glob matches no files; expected {kinds} of images"
 
 
 def _relative(root: str, path: str) -> str:

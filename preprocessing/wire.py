@@ -6,6 +6,7 @@ tests/test_wire.py.
 
   example_bytes   a serialized tf.train.Example (protobuf wire format)
   tfrecord_frame  one record in TFRecord framing (length, masked CRC32C, data, CRC)
+  tfrecord_header_ok  whether bytes start like a TFRecord frame (a cheap file check)
 """
 
 from __future__ import annotations
@@ -99,3 +100,11 @@ def tfrecord_frame(record: bytes) -> bytes:
     """One record in TFRecord framing: length, CRC of length, data, CRC of data."""
     length = struct.pack("<Q", len(record))
     return length + _masked_crc(length) + record + _masked_crc(record)
+
+
+TFRECORD_HEADER_BYTES = 12
+
+
+def tfrecord_header_ok(head: bytes) -> bool:
+    """Whether `head` (a file's first TFRECORD_HEADER_BYTES) is a length and its CRC."""
+    return len(head) >= TFRECORD_HEADER_BYTES and _masked_crc(head[:8]) == head[8:12]

@@ -239,7 +239,7 @@ def _sae(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--input", "/no/such/dir", "--output", "/tmp/x"], "no files found at /no/such/dir"),
+        (["--input", "/no/such/dir", "--output", "/tmp/x"], "--input /no/such/dir does not exist"),
         (["--input", "builtin:nope", "--output", "/tmp/x"], "unknown built-in dataset"),
         (["--input", "/no/list.csv", "--output", "/tmp/x"], "list file /no/list.csv does not"),
         (["--input", "builtin:digits", "--output", "/tmp/x", "--resize", "big"], "expected HxW"),

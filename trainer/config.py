@@ -46,6 +46,7 @@ Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -300,10 +301,13 @@ def _parse(key: str, text: str, hint: Any) -> Any:
             ) from None
     if hint in (int, float):
         try:
-            return hint(text)
+            value = hint(text)
         except ValueError:
-            kind = "an integer" if hint is int else "a number"
-            raise UserError(f"invalid {key}={text!r}: expected {kind}") from None
+            value = math.nan
+        if not math.isfinite(value):  # nan and inf pass the range checks' comparisons
+            kind = "an integer" if hint is int else "a finite number"
+            raise UserError(f"invalid {key}={text!r}: expected {kind}")
+        return value
     return text  # a Literal: __post_init__ checks the choice
 
 

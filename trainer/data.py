@@ -159,7 +159,7 @@ def train_stream(
     first_epoch, skip = divmod(start_step, per_epoch)
     epochs = tf.data.Dataset.range(first_epoch, 2**62)
     if in_memory:
-        images = _read_all(manifest, paths)
+        images = _read_all(manifest, "train")
         order_seed = tf.constant(seed, tf.int64)
 
         def batches(e):
@@ -196,10 +196,21 @@ def train_stream(
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
 
 
-def _read_all(manifest: Manifest, paths: list[str]) -> tf.Tensor:
-    """Every record of `paths`, parsed: uint8 [N, H, W, C], in file order."""
-    ds = _records(paths, manifest.compression).batch(65_536).map(_parse(manifest))
-    return tf.concat(list(ds), axis=0)
+def _read_all(manifest: Manifest, split: str) -> tf.Tensor:
+    """Every record of a split, parsed: uint8 [N, H, W, C], in file order. Read shard by
+    shard, so a shard holding other than the manifest's count is named."""
+    parts = []
+    for path, count in manifest.shards(split):
+        ds = _records([path], manifest.compression).batch(65_536).map(_parse(manifest))
+        images = list(ds)
+        got = sum(int(b.shape[0]) for b in images)
+        if got != count:
+            raise UserError(
+                f"shard {path} of dataset {manifest.root} holds {got} records but the "
+                f"manifest counts {count}; rerun `sae preprocess`"
+            )
+        parts.extend(images)
+    return tf.concat(parts, axis=0)
 
 
 def eval_dataset(
@@ -245,7 +256,8 @@ def error_reason(e: tf.errors.OpError) -> str:
 def check_readable(manifest: Manifest, whole: bool = False) -> None:
     """Reads the first record (or with `whole`, every record) of every shard.
 
-    A missing or corrupt shard becomes a clear error naming it, up front.
+    A missing or corrupt shard becomes a clear error naming it, up front (a missing or
+    empty one is caught before, by `Manifest.check_shards`).
     """
     for split in ("train", "eval"):
         for path in manifest.shard_paths(split):

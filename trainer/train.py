@@ -19,12 +19,15 @@ was lost (retryable: rerun every worker to resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import posixpath
 import signal
 import time
 from collections.abc import Sequence
 
+from preprocessing import flags
 from preprocessing import manifest as manifest_lib
 from preprocessing.errors import ArgumentParser, UserError
 from preprocessing.manifest import join
@@ -60,7 +63,7 @@ def make_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--cpu-replicas",
-        type=int,
+        type=flags.non_negative_int,
         default=0,
         metavar="N",
         help="split the CPU into N logical devices and mirror over them "
@@ -230,10 +233,16 @@ def _fingerprint(model) -> str:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Trains (or resumes) and returns the final eval metrics."""
     args = make_parser().parse_args(argv)
+    from trainer import config as config_lib
+
+    # Before TensorFlow's import (seconds): bad config and data that lies fail at once.
+    cfg = config_lib.apply_overrides(config_lib.preset(args.preset), args.set)
+    manifest = manifest_lib.load(args.data)
+    manifest.check_shards()
     import tensorflow as tf
 
     try:
-        return _train(args)
+        return _train(args, cfg, manifest)
     except tf.errors.UnavailableError:
         if "TF_CONFIG" not in os.environ:
             raise
@@ -246,11 +255,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         ) from None
 
 
-def _train(args: argparse.Namespace) -> dict:
+def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> dict:
     from trainer import cluster, distribute
-    from trainer import config as config_lib
 
-    cfg = config_lib.apply_overrides(config_lib.preset(args.preset), args.set)
     cluster.ensure_tf_config()  # on a Kubernetes Indexed Job: TF_CONFIG from its environment
     # The strategy first: logical CPU devices can only be set before TF touches a device.
     strategy = distribute.make_strategy(args.strategy, args.cpu_replicas)
@@ -260,7 +267,6 @@ def _train(args: argparse.Namespace) -> dict:
     from trainer import data, export, visualize
     from trainer import model as model_lib
 
-    manifest = manifest_lib.load(args.data)
     data.check_shape(manifest, cfg.input_shape, cfg.patch_size)
     data.check_readable(manifest)
     chief = distribute.is_chief()
@@ -409,4 +415,10 @@ def _train(args: argparse.Namespace) -> dict:
         )
     else:
         tf.io.gfile.rmtree(out_dir)
+        # The last worker to finish also removes tmp-workers/ (every worker made its folder
+        # before training started, so an empty parent stays empty).
+        parent = posixpath.dirname(out_dir)
+        with contextlib.suppress(tf.errors.OpError):
+            if not tf.io.gfile.listdir(parent):
+                tf.io.gfile.rmtree(parent)
     return metrics
