@@ -213,7 +213,7 @@ def write_feature_shard(
         info["tfrecord"] = path.rsplit("/", 1)[1]
     if "parquet" in formats:
         path = sharding.shard_path(out, group, index, total, ".parquet")
-        sharding.write_atomically(path, [fr.parquet_bytes([fr.decode(r) for _, r in recs])])
+        sharding.write_atomically(path, [fr.parquet_bytes([fr.decode(bytes(r)) for _, r in recs])])
         info["parquet"] = path.rsplit("/", 1)[1]
     return info
 

@@ -107,7 +107,7 @@ def _merge_counts(dicts: Iterable[dict]) -> dict[str, tuple[int, int]]:
     return out
 
 
-# write(out, group, index, total, sorted [(key, payload)]) -> shard info dict.
+# write(out, group, index, total, sorted [(key, payload: bytes-like)]) -> shard info dict.
 ShardWriter = Callable[[str, str, int, int, list], dict]
 
 
@@ -150,17 +150,34 @@ class _WriteParts(beam.DoFn):
             yield GlobalWindows.windowed_value(((group, shard), (path, n)))
 
 
-def _read_part(path: str) -> list[tuple[str, bytes]]:
+def _read_part(path: str) -> list[tuple[str, memoryview]]:
+    """A part file's (key, payload) pairs; payloads are views into the file's bytes, so a
+    shard's merge holds its records once, not twice."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        data = f.read()
+        data = memoryview(f.read())
     out, pos = [], 0
     while pos < len(data):
         klen, plen = _PART_HEADER.unpack_from(data, pos)
         pos += _PART_HEADER.size
-        key = data[pos : pos + klen].decode("utf-8")
+        key = str(data[pos : pos + klen], "utf-8")
         out.append((key, data[pos + klen : pos + klen + plen]))
         pos += klen + plen
     return out
+
+
+def sort_records(items: list[tuple[str, memoryview]]) -> list[tuple[str, memoryview]]:
+    """By key, and equal keys (a list file naming one image twice) by payload bytes, so the
+    order does not depend on which bundle wrote what."""
+    items.sort(key=lambda kv: kv[0])
+    i = 0
+    while i < len(items):
+        j = i + 1
+        while j < len(items) and items[j][0] == items[i][0]:
+            j += 1
+        if j - i > 1:
+            items[i:j] = sorted(items[i:j], key=lambda kv: kv[1].tobytes())
+        i = j
+    return items
 
 
 class WriteShards(beam.PTransform):
@@ -188,7 +205,7 @@ class WriteShards(beam.PTransform):
             """All parts of one shard -> the shard, sorted by key (memory: one shard)."""
             (group, index), parts = element
             parts = list(parts)
-            items = sorted(kv for path, _ in parts for kv in _read_part(path))
+            items = sort_records([kv for path, _ in parts for kv in _read_part(path)])
             if len(items) != sum(count for _, count in parts):
                 raise RuntimeError(f"shard {group}-{index}: part files lost records")
             info = writer(out, group, index, n[group], items)

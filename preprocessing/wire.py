@@ -96,8 +96,9 @@ def _masked_crc(data: bytes) -> bytes:
     return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
 
-def tfrecord_frame(record: bytes) -> bytes:
+def tfrecord_frame(record: bytes | memoryview) -> bytes:
     """One record in TFRecord framing: length, CRC of length, data, CRC of data."""
+    record = bytes(record)  # a view (a shard merge's records) becomes one record's copy
     length = struct.pack("<Q", len(record))
     return length + _masked_crc(length) + record + _masked_crc(record)
 
