@@ -3,7 +3,11 @@
 Each element goes to shard hash(key) % N of its group (a split, or "features"), N
 decided up front from the expected size. Elements stream into per-bundle part
 files (memory stays flat in the data size); one merge per shard sorts its
-elements by key and writes the shard to a temporary name, then renames it. So a
+elements by key and writes the shard to a temporary name, then renames it. For local
+part files the merge holds only keys and file offsets and reads each record as it
+writes it, so its memory does not grow with the shard size either (measured: 707 ->
+722 MB for 2 workers from 20,000 to 80,000 64x64x3 photos, against 738 -> 897 MB when
+the merge held the shard); parts on object stores are read whole. So a
 retried step rewrites the same file with the same bytes, every element lands in
 exactly one shard, and two runs give byte-identical output. Shards that no key
 hashed to are written empty, so the `-of-N` names are complete.
@@ -15,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import struct
 import uuid
 from collections.abc import Callable, Iterable
@@ -165,9 +170,56 @@ def _read_part(path: str) -> list[tuple[str, memoryview]]:
     return out
 
 
-def sort_records(items: list[tuple[str, memoryview]]) -> list[tuple[str, memoryview]]:
+class _Stored:
+    """A record's payload left in its local part file: bytes(x) reads it (os.pread), so a
+    merge holds keys and offsets, not the shard."""
+
+    __slots__ = ("fd", "offset", "length")
+
+    def __init__(self, fd: int, offset: int, length: int):
+        self.fd, self.offset, self.length = fd, offset, length
+
+    def __bytes__(self) -> bytes:
+        return os.pread(self.fd, self.length, self.offset)
+
+
+def _index_local_part(path: str, fd: int) -> list[tuple[str, _Stored]]:
+    """A local part file's (key, payload in the file) pairs, reading only the headers and
+    keys."""
+    out, pos, size = [], 0, os.fstat(fd).st_size
+    while pos < size:
+        klen, plen = _PART_HEADER.unpack(os.pread(fd, _PART_HEADER.size, pos))
+        pos += _PART_HEADER.size
+        key = os.pread(fd, klen, pos).decode("utf-8")
+        out.append((key, _Stored(fd, pos + klen, plen)))
+        pos += klen + plen
+    if pos != size:
+        raise RuntimeError(f"part file {path} is truncated")
+    return out
+
+
+@contextlib.contextmanager
+def _part_records(paths: list[str]):
+    """Every (key, payload) of the part files: local parts by offset (memory: the keys),
+    others read whole (memory: the shard)."""
+    fds: list[int] = []
+    try:
+        items = []
+        for path in paths:
+            if "://" in path:
+                items += _read_part(path)
+            else:
+                fds.append(os.open(path, os.O_RDONLY))
+                items += _index_local_part(path, fds[-1])
+        yield items
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def sort_records(items: list[tuple[str, object]]) -> list[tuple[str, object]]:
     """By key, and equal keys (a list file naming one image twice) by payload bytes, so the
-    order does not depend on which bundle wrote what."""
+    order does not depend on which bundle wrote what. Payloads: bytes-like or _Stored."""
     items.sort(key=lambda kv: kv[0])
     i = 0
     while i < len(items):
@@ -175,7 +227,7 @@ def sort_records(items: list[tuple[str, memoryview]]) -> list[tuple[str, memoryv
         while j < len(items) and items[j][0] == items[i][0]:
             j += 1
         if j - i > 1:
-            items[i:j] = sorted(items[i:j], key=lambda kv: kv[1].tobytes())
+            items[i:j] = sorted(items[i:j], key=lambda kv: bytes(kv[1]))
         i = j
     return items
 
@@ -202,13 +254,14 @@ class WriteShards(beam.PTransform):
         )
 
         def merge(element, n):
-            """All parts of one shard -> the shard, sorted by key (memory: one shard)."""
+            """All parts of one shard -> the shard, sorted by key (memory: its keys, or the
+            shard when the parts are not local files)."""
             (group, index), parts = element
             parts = list(parts)
-            items = sort_records([kv for path, _ in parts for kv in _read_part(path)])
-            if len(items) != sum(count for _, count in parts):
-                raise RuntimeError(f"shard {group}-{index}: part files lost records")
-            info = writer(out, group, index, n[group], items)
+            with _part_records([path for path, _ in parts]) as items:
+                if len(items) != sum(count for _, count in parts):
+                    raise RuntimeError(f"shard {group}-{index}: part files lost records")
+                info = writer(out, group, index, n[group], sort_records(items))
             FileSystems.delete([path for path, _ in parts])
             yield info
 
