@@ -31,6 +31,7 @@ lint: setup
 bench: setup  ## every benchmark; each prints JSON (installs the CPU PyTorch the train benchmark compares with)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	for b in benchmarks/*_bench.py; do $(BIN)/python $$b --out $$b.json || exit 1; done
+	$(BIN)/python benchmarks/preprocess_bench.py --mode photo --out benchmarks/preprocess_bench.py.photo.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
