@@ -10,31 +10,22 @@ import html.parser
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from pipeline import charts, curves, dashboards, report
-from preprocessing import job, manifest
+from preprocessing import manifest
 from tests.test_conv import _naive_maps
-from tests.test_extract import FAST
+from tests.test_pooled import H, W, labelled_dataset
 from trainer import export
 from trainer.config import apply_overrides, preset
 from trainer.model import SparseAutoencoder
 
-H, W, K, HIDDEN = 11, 9, 4, 6
+K, HIDDEN = 4, 6
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     """24 labelled H x W grey images, about a third of them in the eval split."""
-    folder = tmp_path_factory.mktemp("pngs")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        (folder / f"c{i % 3}").mkdir(exist_ok=True)
-        pixels = rng.integers(0, 256, (H, W), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"c{i % 3}" / f"im{i:02d}.png")
-    out = str(tmp_path_factory.mktemp("data") / "data")
-    job.run(["--input", str(folder), "--output", out, "--eval-fraction", "0.34", *FAST])
-    return out
+    return labelled_dataset(tmp_path_factory, eval_fraction=0.34)
 
 
 def _export(path, shape: tuple[int, int], patch: bool) -> str:
