@@ -6,7 +6,7 @@
         --workdir runs/photos
 
 WORKDIR/ data/ (sae preprocess), train/ (sae train), features/ (sae extract, probe.json),
-         report.html
+         report.html (feature dashboards, cost curves, the probe, filters: pipeline/report.py)
 Rerunning with the same --workdir skips finished stages (a stage is finished when its
 manifest or metrics exist) and resumes an interrupted training from its checkpoint.
 Flags this command does not know go to `sae preprocess` (e.g. --resize); the Beam options
