@@ -86,7 +86,9 @@ def test_interrupted_stage_is_redone(tmp_path):
     assert (workdir / "report.html").exists()
     # The Beam option reached both Beam stages (extract's default is multi_processing).
     for job in ("preprocess", "extract"):
-        (first,) = [ln for ln in r.stdout.splitlines() if ln.startswith(f"{job}: ") and "->" in ln]
+        (first,) = [
+            ln for ln in r.stdout.splitlines() if ln.startswith(f"{job}: ") and "runner" in ln
+        ]
         assert "runner FnApiRunner (in_memory)" in first, first
 
 
