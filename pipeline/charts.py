@@ -168,7 +168,7 @@ def bar_chart_svg(
     left, right, top = 170, 70, 26
     pw = width - left - right
     height = top + row_height * len(bars) + 30
-    lows = [lo if iv else v for _, v, iv in bars for lo in ([iv[0]] if iv else [v])]
+    lows = [iv[0] if iv else v for _, v, iv in bars]
     x0 = max(0.0, math.floor((min(lows, default=0.0) - 0.02) * 10) / 10)
     px = lambda v: left + pw * (v - x0) / (1.0 - x0)  # noqa: E731
     body = _text(width / 2, 15, title, 12, "middle")

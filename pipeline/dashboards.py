@@ -11,11 +11,13 @@ the best windows of different images, cut out of them. Statistics are over all i
   mean activation  mean of a_j (the split's rho_hat_j)
   firing rate      fraction of inputs with a_j > 0.5 (as `l0` in metrics.json counts on)
 Dead units (trainer.config.dead_units on the mean activation) are never shown. Cost: one
-`encode_map` pass over max_images images, a batch's maps reduced before the next batch.
+`encode_map` pass over max_images images, in batches of at most 2^23 map values, each
+reduced to per-image maxima before the next.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,11 +74,18 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:k].T
 
 
-def crop(images: np.ndarray, which: np.ndarray, rows: np.ndarray, cols: np.ndarray, k: int):
-    """images [n, H, W, C]; which, rows, cols [m] -> the KxK windows [m, K, K, C] at
-    (rows, cols) of images[which] (stride-1 map positions are top-left corners)."""
+def crop(
+    images: np.ndarray,
+    which: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    size: tuple[int, int],
+) -> np.ndarray:
+    """images [n, H, W, C]; which, rows, cols [m] -> the (h, w) = size windows [m, h, w, C]
+    whose top-left pixels are (rows, cols) of images[which] (stride-1 map positions)."""
+    h, w = size
     return np.stack(
-        [images[i, r : r + k, c : c + k] for i, r, c in zip(which, rows, cols, strict=True)]
+        [images[i, r : r + h, c : c + w] for i, r, c in zip(which, rows, cols, strict=True)]
     )
 
 
@@ -96,6 +105,12 @@ def eval_images(data_root: str, max_images: int) -> tuple[list[str], np.ndarray]
     return [k.decode() for k in batch["key"].numpy()], batch["image"].numpy()
 
 
+def batch_for(map_positions: int, hidden: int, cap: int, budget: int = 1 << 23) -> int:
+    """Images per batch so that a batch's maps [b, H', W', s] hold at most `budget` floats
+    (at least 1, at most cap): a batch of large images must not blow up memory."""
+    return max(1, min(cap, budget // max(1, map_positions * hidden)))
+
+
 def compute(
     export_dir: str,
     data_root: str,
@@ -110,49 +125,45 @@ def compute(
     from trainer import EXPORT_INFO
 
     with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{EXPORT_INFO}") as f:
-        import json
-
-        info = json.load(f)
-    cfg = info["config"]
+        cfg = json.load(f)["config"]
     keys, images = eval_images(data_root, max_images)
     model = tf.saved_model.load(export_dir)
-    w1 = model.model.w1.numpy()  # [K*K*C, s]
-    k = cfg["input_shape"][0]
-    patch = bool(cfg.get("patch_size")) and images.shape[1:3] != (k, k)
+    w1 = model.model.w1.numpy()  # [K*K*C, s]: the trainer's filters (whitened space if ZCA)
+    kh, kw = cfg["input_shape"][:2]
+    patch = bool(cfg.get("patch_size")) and images.shape[1:3] != (kh, kw)
     s = w1.shape[1]
+    positions = (images.shape[1] - kh + 1) * (images.shape[2] - kw + 1) if patch else 1
+    step = batch_for(positions, s, batch_size)
     best, rows, cols = [], [], []
     total, fired, inputs = np.zeros(s), np.zeros(s), 0
-    for start in range(0, len(images), batch_size):
-        x = tf.constant(images[start : start + batch_size])
+    for start in range(0, len(images), step):
+        x = tf.constant(images[start : start + step])
         if patch:
             maps = model.signatures["encode_map"](images=x, stride=tf.constant(1))["maps"]
-            maps = maps.numpy().astype(np.float64)
         else:
-            maps = model.signatures["encode"](images=x)["activations"].numpy()[:, None, None]
-            maps = maps.astype(np.float64)
+            maps = model.signatures["encode"](images=x)["activations"][:, None, None]
+        maps = maps.numpy().astype(np.float64)  # [b, H', W', s]; H' = W' = 1 for whole images
         total += maps.sum(axis=(0, 1, 2))
         fired += (maps > FIRING_THRESHOLD).sum(axis=(0, 1, 2))
         inputs += maps.shape[0] * maps.shape[1] * maps.shape[2]
-        b, r, c = best_windows(maps)
-        best.append(b), rows.append(r), cols.append(c)
+        for acc, part in zip((best, rows, cols), best_windows(maps), strict=True):
+            acc.append(part)
     if not inputs:
         return Dashboards([], 0, 0, 0, patch)
     mean, rate = total / inputs, fired / inputs
     best_a, rows_a, cols_a = (np.concatenate(a) for a in (best, rows, cols))
     chosen = select_units(rate, mean, cfg["rho"], num_units)
     order = top_k(best_a[:, chosen], top)  # [units, top]
-    units = []
-    for j, idx in zip(chosen, order, strict=True):
-        windows = crop(images, idx, rows_a[idx, j], cols_a[idx, j], k)
-        units.append(
-            Unit(
-                index=int(j),
-                filter=w1[:, j].reshape(cfg["input_shape"]),
-                firing_rate=float(rate[j]),
-                mean_activation=float(mean[j]),
-                top_inputs=windows,
-                top_activations=best_a[idx, j],
-                top_keys=[keys[i] for i in idx],
-            )
+    units = [
+        Unit(
+            index=int(j),
+            filter=w1[:, j].reshape(cfg["input_shape"]),
+            firing_rate=float(rate[j]),
+            mean_activation=float(mean[j]),
+            top_inputs=crop(images, idx, rows_a[idx, j], cols_a[idx, j], (kh, kw)),
+            top_activations=best_a[idx, j],
+            top_keys=[keys[i] for i in idx],
         )
+        for j, idx in zip(chosen, order, strict=True)
+    ]
     return Dashboards(units, len(images), inputs, int(dead_units(mean, cfg["rho"]).sum()), patch)

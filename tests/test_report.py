@@ -93,9 +93,16 @@ def test_best_windows_and_top_k_against_loops():
     for j in range(2):
         assert idx[j].tolist() == list(np.argsort(-best[:, j])[:3])
     images = rng.integers(0, 256, (5, 6, 7, 1), dtype=np.uint8)
-    got = dashboards.crop(images, np.array([4, 0]), np.array([2, 0]), np.array([3, 1]), 3)
-    np.testing.assert_array_equal(got[0], images[4, 2:5, 3:6])
-    np.testing.assert_array_equal(got[1], images[0, 0:3, 1:4])
+    got = dashboards.crop(images, np.array([4, 0]), np.array([2, 0]), np.array([3, 1]), (3, 2))
+    assert got.shape == (2, 3, 2, 1)
+    np.testing.assert_array_equal(got[0], images[4, 2:5, 3:5])
+    np.testing.assert_array_equal(got[1], images[0, 0:3, 1:3])
+
+
+def test_batches_are_bounded_by_map_size():
+    assert dashboards.batch_for(1, 400, cap=100) == 100  # whole images: the cap
+    assert dashboards.batch_for(441, 400, cap=100) == 47  # 28x28 digits, 8x8 windows
+    assert dashboards.batch_for(10**6, 400, cap=100) == 1  # one huge image at a time
 
 
 def test_cost_curves_read_back_from_event_files(tmp_path):
