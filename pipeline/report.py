@@ -14,6 +14,7 @@ import html
 import numpy as np
 
 from pipeline import charts
+from pipeline.dashboards import Dashboards
 
 
 def _img(png: bytes, alt: str, cls: str = "", width: int | None = None, title: str = "") -> str:
@@ -41,8 +42,9 @@ def _png(img: np.ndarray) -> bytes:
     return visualize.png_bytes(np.asarray(img, np.uint8))
 
 
-def dashboards_html(dash, tile_px: int = 56) -> str:
-    """The dashboards (pipeline.dashboards.Dashboards) as one table row per unit."""
+def dashboards_html(dash: Dashboards, tile_px: int = 56) -> str:
+    """One table row per unit: its index, firing rate and mean activation; its filter; its
+    top-activating inputs with their activations (a tooltip names the image)."""
     if not dash.units:
         return "<p>No live units to show.</p>"
     what = "windows cut from eval images" if dash.patch else "eval images"
@@ -126,7 +128,7 @@ def run_report(
     recon_png: bytes,
     rho_hat: list[float],
     rho: float,
-    dashboards=None,
+    dashboards: Dashboards | None = None,
     curves: dict | None = None,
     probe: dict | None = None,
 ) -> str:
