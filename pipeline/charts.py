@@ -52,8 +52,8 @@ def histogram_svg(
     return _svg(
         width,
         height,
-        f"{bars}"
-        f'<line x1="{x_rho:.1f}" x2="{x_rho:.1f}" y1="5" y2="{10 + plot_h}" stroke="red"/>'
+        bars
+        + _line(x_rho, x_rho, 5, 10 + plot_h, "red")
         + _text(x_rho + 3, 18, f"rho = {rho:g}", fill="red")
         + _text(pad, height - 8, "0")
         + _text(width - pad, height - 8, f"{edges[-1]:.3g}", anchor="end")
@@ -120,7 +120,7 @@ def line_chart_svg(
     for t in log_ticks(y0, y1) if log_y else nice_ticks(y0, y1):
         y = top + ph * (1 - (t - y0) / (y1 - y0))
         label = f"{10**t:.3g}" if log_y else f"{t:.3g}"
-        body += f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
+        body += _line(left, left + pw, y, y, "#eee")
         body += _text(left - 4, y + 4, label, 10, "end")
     for t in nice_ticks(x0, x1):
         x = left + pw * (t - x0) / (x1 - x0)
@@ -192,7 +192,7 @@ def bar_chart_svg(
             text_x = hi
         body += _text(text_x + 5, y + row_height / 2 + 4, f"{value:.3f}", 11)
     axis_y = top + row_height * len(bars) + 4
-    body += f'<line x1="{left}" x2="{left + pw}" y1="{axis_y}" y2="{axis_y}" stroke="#888"/>'
+    body += _line(left, left + pw, axis_y, axis_y, "#888")
     for t in nice_ticks(x0, 1.0):
         body += _text(px(t), axis_y + 14, f"{t:g}", 10, "middle")
     return _svg(width, height, body)

@@ -144,7 +144,7 @@ def test_wilson_interval_and_ticks():
 class _Checker(html.parser.HTMLParser):
     """Collects start tags with their attributes and fails on unbalanced or misnested tags."""
 
-    VOID = {"meta", "img", "br", "hr", "input", "link", "rect", "line", "circle"}
+    VOID = {"meta", "img", "br", "hr", "input", "link"}  # HTML void elements; SVG ones use />
 
     def __init__(self):
         super().__init__()
@@ -199,10 +199,12 @@ def test_the_report_is_valid_self_contained_html(data, tmp_path):
     lines = [t[1]["points"].split() for t in doc.tags if t[0] == "polyline"]
     assert [len(p) for p in lines] == [3]
     assert any(t[0] == "circle" for t in doc.tags)  # the one-point eval series
-    probe_svg = [t for t in doc.tags if t[0] == "rect" and "title" not in t[1]]
-    assert len([t for t in doc.tags if t[0] == "rect" and "svg" in t[2]]) >= 3 + 2
-    assert probe_svg  # the chart frames and legend swatches
-    assert "sparse features (24)" in text and "0.970" in text
+    # The probe: one titled bar per input, with its interval's whisker (3 lines each).
+    bars = [t for t in doc.tags if t[0] == "title" and t[2][-1:] == ["rect"]]
+    assert len(bars) == 3 and all("svg" in t[2] for t in bars)
+    assert "sparse features (24)" in text and "0.970" in text and "0.900" in text
+    whiskers = [t for t in doc.tags if t[0] == "line" and t[1].get("stroke") == "#222"]
+    assert len(whiskers) == 3 * 3
     # Self-contained: every src is inline data, nothing links out.
     for tag, attrs, _ in doc.tags:
         assert "href" not in attrs and not any(k.endswith(":href") for k in attrs)
