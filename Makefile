@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install the package with its test extras
 
-demo: setup  ## the whole pipeline on the built-in digits: $(DEMO)/report.html (resumes if rerun)
-	$(BIN)/sae run --workdir $(DEMO)
+# The conv path on real MNIST (patch training, pooled extraction, probe, dashboards). In-memory
+# Beam: on 2 cores, starting worker processes (each importing TensorFlow) costs more than they save.
+DEMO_FLAGS ?= --input builtin:mnist --preset mnist-conv --eval-fraction 0.25 --pool 2x2 \
+	--direct_running_mode=in_memory
+
+demo: setup  ## the whole pipeline on builtin:mnist, conv path: $(DEMO)/report.html (resumes if rerun)
+	$(BIN)/sae run $(DEMO_FLAGS) --workdir $(DEMO)
 
 test: setup  ## the whole suite, slow end-to-end tests included (as CI runs it)
 	$(BIN)/ruff check .

@@ -6,7 +6,7 @@
         --workdir runs/photos
 
 WORKDIR/ data/ (sae preprocess), train/ (sae train), features/ (sae extract, probe.json),
-         report.html
+         report.html (feature dashboards, cost curves, the probe, filters: pipeline/report.py)
 Rerunning with the same --workdir skips finished stages (a stage is finished when its
 manifest or metrics exist) and resumes an interrupted training from its checkpoint.
 Flags this command does not know go to `sae preprocess` (e.g. --resize); the Beam options
@@ -51,6 +51,13 @@ def make_parser() -> ArgumentParser:
         help="a patch model (patch_size > 0) is applied to whole images and pooled over this "
         "grid, as `sae extract --pool` (default: 3x3)",
     )
+    p.add_argument(
+        "--dashboard-images",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="the report's feature dashboards look at the first N eval images (default: 2000)",
+    )
     return p
 
 
@@ -89,7 +96,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args, passthrough = make_parser().parse_known_args(argv)
     import tensorflow as tf
 
-    from pipeline import extract, probe, report
+    from pipeline import curves, dashboards, extract, probe, report
     from preprocessing import job as preprocess_job
     from trainer import config, train
 
@@ -160,7 +167,21 @@ def run(argv: Sequence[str] | None = None) -> dict:
         filters = f.read()
     with tf.io.gfile.GFile(join(train_dir, "reconstructions.png"), "rb") as f:
         recon = f.read()
-    html = report.run_report(summary, filters, recon, metrics["rho_hat"], config["rho"])
+    dash = dashboards.compute(join(train_dir, "export"), data, max_images=args.dashboard_images)
+    tb = curves.read_scalars(join(train_dir, "tensorboard"))
+    per_epoch = config["steps_per_epoch"] or max(
+        1, dataset["splits"]["train"]["num_examples"] // config["global_batch_size"]
+    )  # as trainer.data.steps_per_epoch
+    html = report.run_report(
+        summary,
+        filters,
+        recon,
+        metrics["rho_hat"],
+        config["rho"],
+        dashboards=dash,
+        curves=curves.cost_curves(tb, per_epoch),
+        probe=_read_json(probe_path) if _exists(probe_path) else None,
+    )
     with tf.io.gfile.GFile(join(workdir, "report.html"), "w") as f:
         f.write(html)
     for key, value in summary.items():

@@ -21,8 +21,7 @@ H, W = 11, 9  # not square, so that a swap of the map's axes shows
 HIDDEN = 5
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> str:
+def labelled_dataset(tmp_path_factory, eval_fraction: float = 0.25) -> str:
     """24 labelled H x W grey images (3 classes), preprocessed with an eval split."""
     folder = tmp_path_factory.mktemp("pngs")
     rng = np.random.default_rng(0)
@@ -31,8 +30,13 @@ def images(tmp_path_factory) -> str:
         pixels = rng.integers(0, 256, (H, W), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"c{i % 3}" / f"im{i:02d}.png")
     out = str(tmp_path_factory.mktemp("data") / "data")
-    job.run(["--input", str(folder), "--output", out, "--eval-fraction", "0.25", *FAST])
+    job.run(["--input", str(folder), "--output", out, "--eval-fraction", f"{eval_fraction}", *FAST])
     return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    return labelled_dataset(tmp_path_factory)
 
 
 def _patch_model(path, k: int) -> str:

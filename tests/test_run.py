@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.test_report import parse
+
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -40,9 +42,16 @@ def test_whole_pipeline_report_and_resume(tmp_path):
     assert metrics["step"] == 100
     assert set(probe["eval_accuracy"]) == {"sparse_features", "raw_pixels", "pca"}
     html = (workdir / "report.html").read_text()
-    # Self-contained: pictures inline, no external references.
-    assert html.count("data:image/png;base64,") == 2 and "<svg" in html
+    # Valid and self-contained: pictures inline, no external references.
+    doc = parse(html)
+    assert all(a["src"].startswith("data:image/png;base64,") for _, a, _ in doc.tags if "src" in a)
     assert 'src="http' not in html and "href=" not in html
+    # Dashboards: 16 units, each with its filter and its 8 top eval images.
+    cls = [a.get("class") for t, a, _ in doc.tags if t in ("tr", "img")]
+    assert (cls.count("unit"), cls.count("filter"), cls.count("top-input")) == (16, 16, 16 * 8)
+    # Curves of the four cost terms (train batches, train epochs, eval), the probe's 3 bars.
+    assert sum(t == "polyline" for t, _, _ in doc.tags) == 4 * 3
+    assert "linear probe: eval accuracy" in html and "raw pixels (64)" in html
     assert f"{metrics['mean_rho_hat']:.4g}" in html
     assert "run: wrote" in r.stdout and "eval accuracy" in r.stdout
     # Rerun: every stage is skipped, the report is rewritten.

@@ -1,0 +1,77 @@
+"""The cost terms over steps, read back from a run's TensorBoard event files.
+
+    curves = read_scalars("WORKDIR/train/tensorboard")
+    curves["validation"]["epoch_loss"]   # [(step, value)], sorted by step
+
+What `sae train` logs (trainer/train.py): Keras's TensorBoard callback writes `train/` and
+`validation/` with `epoch_<term>` per epoch (x = epoch index, and for `train/` also
+`epoch_learning_rate`); our StepSummaries writes `units/` with `batch_<term>` at the optimizer
+step about every checkpoint_every_steps / 10 steps. `cost_curves` puts them on one x axis, the
+optimizer step: epoch e ends at step (e + 1) * steps_per_epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+# The UFLDL cost J = reconstruction + weight_decay + beta * sparsity, and its total.
+COST_TERMS = ("loss", "reconstruction", "sparsity", "weight_decay")
+
+
+def _value(v) -> float | None:
+    if v.HasField("simple_value"):
+        return float(v.simple_value)
+    if v.HasField("tensor") and not v.tensor.tensor_shape.dim:
+        arr = tf.make_ndarray(v.tensor)
+        if arr.dtype.kind == "f":
+            return float(arr)
+    return None
+
+
+def read_scalars(tb_dir: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """run (sub-folder: train, validation, units) -> tag -> [(step, value)] sorted by step.
+
+    Images and histograms are skipped; a step logged twice (a resumed run) keeps the last.
+    """
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    if not tf.io.gfile.isdir(tb_dir):
+        return {}
+    for run in sorted(tf.io.gfile.listdir(tb_dir)):
+        run = run.rstrip("/")
+        files = sorted(tf.io.gfile.glob(f"{tb_dir.rstrip('/')}/{run}/events.out.tfevents.*"))
+        for path in files:
+            for raw in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(raw.numpy())
+                for v in event.summary.value:
+                    value = _value(v)
+                    if value is not None and math.isfinite(value):
+                        out.setdefault(run, {}).setdefault(v.tag, {})[int(event.step)] = value
+    return {
+        run: {tag: sorted(pts.items()) for tag, pts in tags.items()} for run, tags in out.items()
+    }
+
+
+def cost_curves(
+    scalars: dict[str, dict[str, list[tuple[int, float]]]], steps_per_epoch: int
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """term -> {"train (batches)": ..., "train (epoch mean)": ..., "eval": ...} against the
+    optimizer step, for each term in COST_TERMS that was logged."""
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for term in COST_TERMS:
+        series = {
+            "train batches": scalars.get("units", {}).get(f"batch_{term}", []),
+            "train epochs": [
+                ((e + 1) * steps_per_epoch, v)
+                for e, v in scalars.get("train", {}).get(f"epoch_{term}", [])
+            ],
+            "eval": [
+                ((e + 1) * steps_per_epoch, v)
+                for e, v in scalars.get("validation", {}).get(f"epoch_{term}", [])
+            ],
+        }
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            out[term] = series
+    return out

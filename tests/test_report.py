@@ -1,0 +1,219 @@
+"""report.html: the feature dashboards against a brute-force reference (every window cut out
+and encoded), the cost curves read back from TensorBoard files, the SVG charts, and the whole
+report parsed as HTML: balanced tags, N dashboards with a filter and K inputs each, curves with
+points, the probe chart, and no external references."""
+
+from __future__ import annotations
+
+import html.parser
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import charts, curves, dashboards, report
+from preprocessing import manifest
+from tests.test_conv import _naive_maps
+from tests.test_pooled import H, W, labelled_dataset
+from trainer import export
+from trainer.config import apply_overrides, preset
+from trainer.model import SparseAutoencoder
+
+K, HIDDEN = 4, 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    """24 labelled H x W grey images, about a third of them in the eval split."""
+    return labelled_dataset(tmp_path_factory, eval_fraction=0.34)
+
+
+def _export(path, shape: tuple[int, int], patch: bool) -> str:
+    """An untrained model with random weights, exported; unit 0 is dead (bias -30)."""
+    h, w = shape
+    sets = [f"input_shape={h},{w},1", f"hidden={HIDDEN}", "rho=0.1"]
+    cfg = apply_overrides(preset("tiny"), sets + ([f"patch_size={h}"] if patch else []))
+    model = SparseAutoencoder(cfg)
+    rng = np.random.default_rng(1)
+    model.w1.assign(rng.normal(0, 0.02, model.w1.shape).astype(np.float32))
+    model.b1.assign(np.array([-30, -1, 0, 1, -0.5, 0.5], np.float32))
+    export.save(model, str(path), {"config": cfg.to_dict(), "image_shape": [h, w, 1]})
+    return str(path)
+
+
+def _encode(export_dir: str):
+    sig = tf.saved_model.load(export_dir).signatures["encode"]
+    return lambda x: sig(images=tf.constant(x))["activations"].numpy()
+
+
+@pytest.mark.parametrize("patch", [True, False])
+def test_dashboards_equal_a_brute_force_reference(data, tmp_path, patch):
+    model = _export(tmp_path / "export", (K, K) if patch else (H, W), patch)
+    keys, images = dashboards.eval_images(data, 100)
+    n_eval = manifest.load(data).num_examples("eval")
+    assert len(keys) == len(images) == n_eval > 4 and images.shape[1:] == (H, W, 1)
+    dash = dashboards.compute(model, data, num_units=3, top=4, batch_size=3)
+    encode = _encode(model)
+    maps = _naive_maps(encode, images, 1) if patch else encode(images)[:, None, None]
+    acts = maps.reshape(-1, HIDDEN)
+    mean, rate = acts.mean(axis=0), (acts > 0.5).mean(axis=0)
+    assert dash.patch is patch and dash.num_inputs == len(acts) and dash.num_dead == 1
+    assert [u.index for u in dash.units] == list(np.lexsort((-mean, -rate))[:3])
+    assert 0 not in [u.index for u in dash.units]
+    per_image_best = maps.max(axis=(1, 2))  # [images, units]
+    for u in dash.units:
+        assert u.firing_rate == pytest.approx(rate[u.index])
+        assert u.mean_activation == pytest.approx(mean[u.index], rel=1e-5)
+        want = np.sort(per_image_best[:, u.index])[::-1][:4]
+        np.testing.assert_allclose(u.top_activations, want, rtol=1e-5)
+        # Each top input is a real window of its image, and encodes to its activation.
+        assert u.top_inputs.shape == ((4, K, K, 1) if patch else (4, H, W, 1))
+        np.testing.assert_allclose(encode(u.top_inputs)[:, u.index], want, rtol=1e-5)
+        assert len(set(u.top_keys)) == 4  # one input per image
+        assert u.filter.shape == u.top_inputs.shape[1:]
+
+
+def test_unit_selection_skips_dead_units_and_orders_by_firing():
+    rate = np.array([0.9, 0.5, 0.7, 0.0, 0.5])
+    mean = np.array([0.001, 0.3, 0.2, 0.0, 0.4])  # unit 0 and 3 are dead at rho 0.1
+    assert dashboards.select_units(rate, mean, 0.1, 3).tolist() == [2, 4, 1]
+    assert dashboards.select_units(rate, mean, 0.1, 10).tolist() == [2, 4, 1]
+
+
+def test_best_windows_and_top_k_against_loops():
+    rng = np.random.default_rng(0)
+    maps = rng.random((5, 3, 4, 2))
+    best, rows, cols = dashboards.best_windows(maps)
+    for i in range(5):
+        for j in range(2):
+            r, c = np.unravel_index(maps[i, :, :, j].argmax(), (3, 4))
+            assert (rows[i, j], cols[i, j], best[i, j]) == (r, c, maps[i, r, c, j])
+    idx = dashboards.top_k(best, 3)
+    assert idx.shape == (2, 3)
+    for j in range(2):
+        assert idx[j].tolist() == list(np.argsort(-best[:, j])[:3])
+    images = rng.integers(0, 256, (5, 6, 7, 1), dtype=np.uint8)
+    got = dashboards.crop(images, np.array([4, 0]), np.array([2, 0]), np.array([3, 1]), (3, 2))
+    assert got.shape == (2, 3, 2, 1)
+    np.testing.assert_array_equal(got[0], images[4, 2:5, 3:5])
+    np.testing.assert_array_equal(got[1], images[0, 0:3, 1:3])
+
+
+def test_batches_are_bounded_by_map_size():
+    assert dashboards.batch_for(1, 400, cap=100) == 100  # whole images: the cap
+    assert dashboards.batch_for(441, 400, cap=100) == 47  # 28x28 digits, 8x8 windows
+    assert dashboards.batch_for(10**6, 400, cap=100) == 1  # one huge image at a time
+
+
+def test_cost_curves_read_back_from_event_files(tmp_path):
+    tb = tmp_path / "tensorboard"
+    for run, tag, points in [
+        ("units", "batch_loss", [(10, 3.0), (20, 2.0), (30, 1.5)]),
+        ("train", "epoch_loss", [(0, 2.5), (1, 1.4)]),
+        ("validation", "epoch_loss", [(0, 2.6), (1, 1.6)]),
+        ("validation", "epoch_sparsity", [(0, 0.2), (1, 0.1)]),
+    ]:
+        writer = tf.summary.create_file_writer(str(tb / run))
+        with writer.as_default():
+            for step, value in points:
+                tf.summary.scalar(tag, value, step=step)
+            tf.summary.histogram("ignored", [1.0, 2.0], step=0)
+        writer.close()
+    scalars = curves.read_scalars(str(tb))
+    assert scalars["units"]["batch_loss"] == [(10, 3.0), (20, 2.0), (30, 1.5)]
+    got = curves.cost_curves(scalars, steps_per_epoch=15)
+    assert set(got) == {"loss", "sparsity"}
+    assert got["loss"]["train epochs"] == [(15, 2.5), (30, pytest.approx(1.4))]
+    assert got["loss"]["eval"] == [(15, pytest.approx(2.6)), (30, pytest.approx(1.6))]
+    assert list(got["sparsity"]) == ["eval"]
+    assert curves.read_scalars(str(tmp_path / "none")) == {}
+
+
+def test_wilson_interval_and_ticks():
+    lo, hi = charts.wilson_interval(0.9, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.8256, 0.9448)
+    assert charts.wilson_interval(1.0, 10)[1] == 1.0 and charts.wilson_interval(0.5, 0) == (0, 1)
+    assert charts.nice_ticks(0.0, 1.0, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert charts.nice_ticks(0.0, 1.0, 4) == [0.0, 0.5, 1.0]
+    assert charts.nice_ticks(13, 2987, 6) == [500, 1000, 1500, 2000, 2500]
+    assert charts.nice_ticks(1.0, 1.0) == [1.0]
+    assert charts.log_ticks(-2.0, 2.3) == [-2.0, -1.0, 0.0, 1.0, 2.0]
+    assert [round(10**t, 6) for t in charts.log_ticks(0.0, 0.4)] == [1.0, 1.5, 2.0, 2.5]
+
+
+class _Checker(html.parser.HTMLParser):
+    """Collects start tags with their attributes and fails on unbalanced or misnested tags."""
+
+    VOID = {"meta", "img", "br", "hr", "input", "link"}  # HTML void elements; SVG ones use />
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str] = []
+        self.tags: list[tuple[str, dict, list[str]]] = []  # (tag, attrs, open ancestors)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs), list(self.stack)))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs), list(self.stack)))
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
+        self.stack.pop()
+
+
+def parse(text: str) -> _Checker:
+    checker = _Checker()
+    checker.feed(text)
+    checker.close()
+    assert checker.stack == [], f"unclosed: {checker.stack}"
+    return checker
+
+
+def test_the_report_is_valid_self_contained_html(data, tmp_path):
+    model = _export(tmp_path / "export", (K, K), patch=True)
+    dash = dashboards.compute(model, data, num_units=4, top=3)
+    curve = {"loss": {"train batches": [(10, 3.0), (20, 2.0), (30, 1.0)], "eval": [(30, 1.2)]}}
+    probe = {
+        "eval_accuracy": {"sparse_features": 0.97, "raw_pixels": 0.9, "pca": 0.91},
+        "dims": {"sparse_features": 24, "raw_pixels": 99, "pca": 24},
+        "eval_examples": 8,
+    }
+    png = report._png(np.zeros((4, 4, 1), np.uint8))
+    text = report.run_report(
+        {"steps": 30, "metrics": {"loss": 1.0}}, png, png, [0.1] * HIDDEN, 0.1,
+        dashboards=dash, curves=curve, probe=probe,
+    )  # fmt: skip
+    doc = parse(text)
+    units = [t for t in doc.tags if t[0] == "tr" and t[1].get("class") == "unit"]
+    assert len(units) == 4
+    filters = [t for t in doc.tags if t[0] == "img" and t[1].get("class") == "filter"]
+    inputs = [t for t in doc.tags if t[0] == "img" and t[1].get("class") == "top-input"]
+    assert len(filters) == 4 and len(inputs) == 4 * 3
+    for u in dash.units:
+        assert f"unit {u.index}" in text and f"{u.firing_rate:.1%}" in text
+    lines = [t[1]["points"].split() for t in doc.tags if t[0] == "polyline"]
+    assert [len(p) for p in lines] == [3]
+    assert any(t[0] == "circle" for t in doc.tags)  # the one-point eval series
+    # The probe: one titled bar per input, with its interval's whisker (3 lines each).
+    bars = [t for t in doc.tags if t[0] == "title" and t[2][-1:] == ["rect"]]
+    assert len(bars) == 3 and all("svg" in t[2] for t in bars)
+    assert "sparse features (24)" in text and "0.970" in text and "0.900" in text
+    whiskers = [t for t in doc.tags if t[0] == "line" and t[1].get("stroke") == "#222"]
+    assert len(whiskers) == 3 * 3
+    # Self-contained: every src is inline data, nothing links out.
+    for tag, attrs, _ in doc.tags:
+        assert "href" not in attrs and not any(k.endswith(":href") for k in attrs)
+        if "src" in attrs:
+            assert attrs["src"].startswith("data:image/png;base64,"), tag
+    assert "url(" not in text and "@import" not in text
+
+
+def test_a_report_without_dashboards_curves_or_probe_still_renders():
+    png = report._png(np.zeros((4, 4, 1), np.uint8))
+    doc = parse(report.run_report({"steps": 1}, png, png, [0.1], 0.1))
+    assert sum(1 for t in doc.tags if t[0] == "img") == 2
