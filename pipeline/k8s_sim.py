@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.k8s_net import Network, network
+from preprocessing import flags
 from preprocessing.errors import UserError
 
 EXIT_FAILED = 1
@@ -97,21 +98,11 @@ def parse_trigger(text: str, evict: bool = False) -> Trigger:
         except re.error as e:
             raise argparse.ArgumentTypeError(f"invalid regular expression in {text!r}: {e}") from e
     try:
-        return Trigger(int(index), seconds=_nonnegative(when), evict=evict)
+        return Trigger(int(index), seconds=flags.non_negative_number(when), evict=evict)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected INDEX@SECONDS or INDEX@/REGEX/, got {text!r}"
         ) from None
-
-
-def _nonnegative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -128,7 +119,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
         help="volumes/<claim>, pods/<pod> (emptyDir) and logs/<pod>.log go here",
     )  # fmt: skip
     s.add_argument(
-        "--timeout", type=_nonnegative, default=86400.0, metavar="SECONDS",
+        "--timeout", type=flags.non_negative_number, default=86400.0, metavar="SECONDS",
         help="stop every pod and exit 124 after this long, per job (default: 86400)",
     )  # fmt: skip
     s.add_argument(
@@ -149,7 +140,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
         "SAE_WORKER_HOSTS; auto: netns if possible (default)",
     )  # fmt: skip
     s.add_argument(
-        "--backoff-delay", type=_nonnegative, default=10.0, metavar="SECONDS",
+        "--backoff-delay", type=flags.non_negative_number, default=10.0, metavar="SECONDS",
         help="delay before recreating a failed pod, doubled per failure (default: 10, as "
         "Kubernetes)",
     )  # fmt: skip
