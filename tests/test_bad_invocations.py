@@ -16,9 +16,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing import job, tf_noise
 from preprocessing import manifest as manifest_lib
+from preprocessing import tf_noise
+from tests.helpers import free_port, sae
 
 pytestmark = pytest.mark.slow
-FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 
 
 @dataclass(frozen=True)
@@ -189,20 +187,7 @@ def _cli(argv: list[str], cwd: Path, changes: dict | None = None) -> subprocess.
             env.pop(key, None)
         else:
             env[key] = value
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env=env,
-    )
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when this returns: connections are refused
+    return sae(*argv, cwd=cwd, env=env)
 
 
 def _tree(path: Path) -> dict[str, str]:
@@ -241,17 +226,13 @@ def _broken_copies(data: Path, base: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, gcs_emulator) -> dict:
+def results(tmp_path_factory, gcs_emulator, digits, tiny_training) -> dict:
     """name -> (completed process, the case's folder, its placeholders, seconds)."""
     base = tmp_path_factory.mktemp("bad")
-    data = base / "data"
-    job.run(["--input", "builtin:digits", "--output", str(data), "--quiet", *FAST])
-    workdir = base / "trained"
-    r = _cli(["train", "--data", str(data), "--workdir", str(workdir), "--preset", "tiny",
-              "--verbose", "0"], base)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    data = Path(digits)
     # A good run is quiet too: none of TensorFlow's C++ start-up lines.
-    assert not tf_noise.NOISE.search(r.stderr), r.stderr[-2000:]
+    stderr = (tiny_training / "stderr.txt").read_text()
+    assert not tf_noise.NOISE.search(stderr), stderr[-2000:]
     files = base / "files"
     (files / "empty").mkdir(parents=True)
     (files / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a photo")
@@ -259,8 +240,8 @@ def results(tmp_path_factory, gcs_emulator) -> dict:
     (files / "junk").mkdir()
     for name in ("a.png", "b.jpg"):
         (files / "junk" / name).write_bytes(b"not an image")
-    paths = {"data": data, "model": workdir / "export", "files": files,
-             "closed_port": _closed_port(), **_broken_copies(data, base)}  # fmt: skip
+    paths = {"data": data, "model": tiny_training / "w" / "export", "files": files,
+             "closed_port": free_port(), **_broken_copies(data, base)}  # fmt: skip
 
     def one(case: Case):
         tmp = base / "cases" / case.name

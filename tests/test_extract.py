@@ -19,36 +19,14 @@ from pipeline import extract, feature_records, features
 from preprocessing import job, manifest, records, wire
 from preprocessing.errors import UserError
 from tests.collections import good_keys, messy_collection
-
-FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
-
-
-def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kw,
-    )
+from tests.helpers import FAST
+from tests.helpers import sae as _cli
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("digits") / "data")
-    job.run(["--input", "builtin:digits", "--output", out, "--eval-fraction", "0.2", *FAST])
-    return out
-
-
-@pytest.fixture(scope="module")
-def model(digits, tmp_path_factory) -> str:
+def model(tiny_model) -> str:
     """A small trained model (its quality does not matter here)."""
-    workdir = tmp_path_factory.mktemp("train") / "w"
-    r = _cli(
-        "train", "--data", digits, "--workdir", str(workdir), "--preset", "tiny", "--verbose", "0"
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return str(workdir / "export")
+    return tiny_model
 
 
 def _encode_all(model_dir: str, data_root: str) -> dict[str, tuple[np.ndarray, int | None]]:

@@ -7,36 +7,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from pipeline import extract, features
-from preprocessing import job, manifest, records
+from preprocessing import manifest, records
+from tests.helpers import FAST, LABELLED_H, LABELLED_W
+from tests.helpers import sae as _cli
 from tests.test_conv import K, _naive_maps, _numpy_pool
-from tests.test_extract import FAST, _cli
 from trainer import export
 from trainer.config import apply_overrides, preset
 from trainer.model import SparseAutoencoder
 
-H, W = 11, 9  # not square, so that a swap of the map's axes shows
+H, W = LABELLED_H, LABELLED_W
 HIDDEN = 5
 
 
-def labelled_dataset(tmp_path_factory, eval_fraction: float = 0.25) -> str:
-    """24 labelled H x W grey images (3 classes), preprocessed with an eval split."""
-    folder = tmp_path_factory.mktemp("pngs")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        (folder / f"c{i % 3}").mkdir(exist_ok=True)
-        pixels = rng.integers(0, 256, (H, W), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"c{i % 3}" / f"im{i:02d}.png")
-    out = str(tmp_path_factory.mktemp("data") / "data")
-    job.run(["--input", str(folder), "--output", out, "--eval-fraction", f"{eval_fraction}", *FAST])
-    return out
-
-
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> str:
-    return labelled_dataset(tmp_path_factory)
+def images(labelled) -> str:
+    return labelled
 
 
 def _patch_model(path, k: int) -> str:

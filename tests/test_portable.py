@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,40 +27,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline import extract
 from preprocessing import exiting, job, jobkit
 from preprocessing.manifest import MANIFEST_NAME
-from tests import test_extract
 from tests.collections import messy_collection
+from tests.helpers import accepts, free_ports, start, stop
 
 pytestmark = pytest.mark.slow
 
-digits, model = test_extract.digits, test_extract.model  # module fixtures: a trained model
-
 START_TIMEOUT_S = 180  # both import Beam; on a busy 2-core machine that takes a while
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("localhost", port)) == 0
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group (the pool's workers too), SIGKILL if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +40,7 @@ def portable(tmp_path_factory) -> list[str]:
     """Beam flags that run a job on a local job service with a worker pool (both started
     here, both stopped at the end of the module)."""
     cwd = tmp_path_factory.mktemp("portable")
-    job_port, pool_port = _free_port(), _free_port()
+    job_port, pool_port = free_ports(2)
     env = dict(os.environ)
     # The pool starts `python` from PATH: this venv's, which has the package installed.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -85,18 +55,14 @@ def portable(tmp_path_factory) -> list[str]:
     try:
         for name, (module, *args) in services.items():
             log = open(cwd / f"{name}.log", "wb")  # noqa: SIM115 - the process holds it
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", module, *map(str, args)],
-                cwd=cwd,
-                env=env,
-                stdout=log,
+            procs[name] = start(
+                [sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            )  # fmt: skip
             log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
         for (name, proc), port in zip(procs.items(), (job_port, pool_port), strict=True):
-            while not _accepts(port):
+            while not accepts(port):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log = (cwd / f"{name}.log").read_text()[-3000:]
                     pytest.fail(f"{name} did not start on port {port}:\n{log}", pytrace=False)
@@ -109,7 +75,7 @@ def portable(tmp_path_factory) -> list[str]:
         ]
     finally:
         for proc in procs.values():
-            _stop(proc)
+            stop(proc)  # the pool's SDK workers too
 
 
 def _contents(root: Path) -> tuple[dict[str, bytes], dict]:
@@ -158,7 +124,7 @@ def test_preprocess_on_the_portable_runner_equals_the_default_runner(
 
 @pytest.mark.parametrize("data", ["dataset", "raw-images"])
 def test_extract_on_the_portable_runner_equals_the_default_runner(
-    data, digits, model, portable, tmp_path, monkeypatch
+    data, digits, tiny_model, portable, tmp_path, monkeypatch
 ):
     if data == "raw-images":
         expect = messy_collection(tmp_path / "src", np.random.default_rng(8))
@@ -166,7 +132,7 @@ def test_extract_on_the_portable_runner_equals_the_default_runner(
     else:
         src = os.path.relpath(digits, tmp_path)
     monkeypatch.chdir(tmp_path)
-    args = ["--data", src, "--model", os.path.relpath(model, tmp_path), "--num-shards", "2"]
+    args = ["--data", src, "--model", os.path.relpath(tiny_model, tmp_path), "--num-shards", "2"]
     files = _same_output(extract.run, [*args, "--max-error-fraction", "0.5"], portable, tmp_path)
     assert sorted(files) == [
         extract.ERRORS_FILE,

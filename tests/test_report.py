@@ -13,8 +13,9 @@ import tensorflow as tf
 
 from pipeline import charts, curves, dashboards, report
 from preprocessing import manifest
+from tests.helpers import LABELLED_H as H
+from tests.helpers import LABELLED_W as W
 from tests.test_conv import _naive_maps
-from tests.test_pooled import H, W, labelled_dataset
 from trainer import export
 from trainer.config import apply_overrides, preset
 from trainer.model import SparseAutoencoder
@@ -23,9 +24,9 @@ K, HIDDEN = 4, 6
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
+def data(labelled) -> str:
     """24 labelled H x W grey images, about a third of them in the eval split."""
-    return labelled_dataset(tmp_path_factory, eval_fraction=0.34)
+    return labelled
 
 
 def _export(path, shape: tuple[int, int], patch: bool) -> str:

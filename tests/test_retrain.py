@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
 
 from pipeline import models, retrain
-from preprocessing import job
 from preprocessing.errors import UserError
+from tests.helpers import sae
 
-FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 GOOD = {"reconstruction": 1.0, "mean_rho_hat": 0.1, "dead_fraction": 0.0, "rho": 0.1}
 
 
@@ -73,18 +71,8 @@ def test_concurrent_promotions_exactly_one_wins_on_gcs(gcs_prefix):
     assert models.compare_and_swap(root, token, "next") and models.read_current(root)[0] == "next"
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("digits") / "data")
-    job.run(["--input", "builtin:digits", "--output", out, *FAST])
-    return out
-
-
 def _sae(*args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=600
-    )
-    return r
+    return sae(*args, timeout=600)
 
 
 def _retrain(data: str, root: str, *sets: str) -> dict:
