@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from preprocessing import builtin, exiting
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run
 
 _PROBE = """
 import atexit, sys, types
@@ -33,9 +31,7 @@ def _run(*args: str, local_worker: bool = False) -> subprocess.CompletedProcess:
     env.pop(exiting.LOCAL_WORKERS, None)
     if local_worker:
         env[exiting.LOCAL_WORKERS] = "1"  # as the local runner's workers inherit it
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    return run([sys.executable, *args], timeout=120, env=env)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import urllib.error
@@ -19,6 +18,7 @@ import urllib.request
 import pytest
 
 from tests.gcs_emulator import FAKE_TOKEN, EmulatorStartError, GcsEmulator
+from tests.helpers import run
 
 
 def _split(gs_path: str) -> tuple[str, str]:
@@ -256,13 +256,7 @@ def test_child_process_inherits_the_emulator(gcs_prefix):
     bucket_name, prefix = _split(gcs_prefix)
     bucket = storage.Client().bucket(bucket_name)
     bucket.blob(f"{prefix}/from-parent").upload_from_string(b"parent")
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, gcs_prefix],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run([sys.executable, "-c", _CHILD, gcs_prefix], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"seen": "parent"}
     assert bucket.blob(f"{prefix}/from-child-beam").download_as_bytes() == b"parent+beam"

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,8 +26,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline import cli, k8s_cli, k8s_net
+from pipeline import cli, k8s_cli
 from preprocessing.errors import UserError
+from tests.helpers import finish, free_ports, ok, run, start
 from trainer import cluster
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"
@@ -42,7 +42,7 @@ needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not insta
 # Helpers.
 # ----------------------------------------------------------------------------
 def _kustomize(path: Path) -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True)
+    out = run([KUBECTL, "kustomize", path], timeout=120)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -540,7 +540,7 @@ def test_two_indexed_job_workers_train_in_sync_and_only_worker_0_writes(tmp_path
     job.run(["--input", "builtin:digits", "--output", str(data),
              "--direct_running_mode=in_memory", "--direct_num_workers=1"])  # fmt: skip
     workdir = tmp_path / "run"
-    hosts = ",".join(f"127.0.0.1:{p}" for p in k8s_net.free_ports(2))
+    hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
     base_env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     train = [sys.executable, "-m", "pipeline.cli", "train", "--data", str(data),
              "--workdir", str(workdir), "--preset", "tiny", "--verbose", "0"]  # fmt: skip
@@ -548,27 +548,16 @@ def test_two_indexed_job_workers_train_in_sync_and_only_worker_0_writes(tmp_path
     pod_env = {"TF_CPP_MIN_LOG_LEVEL": "2", "SAE_NUM_WORKERS": "2", "SAE_JOB_NAME": "sae-train",
                "SAE_SERVICE": "sae-train", "SAE_WORKER_HOSTS": hosts}  # fmt: skip
     procs = [
-        subprocess.Popen(
-            train,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**base_env, **pod_env, "JOB_COMPLETION_INDEX": str(index)},
-        )
+        start(train, env={**base_env, **pod_env, "JOB_COMPLETION_INDEX": str(index)})
         for index in range(2)
     ]
-    try:
-        outputs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for index, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"worker {index}: exit {p.returncode}\n{out}\n{err[-3000:]}"
-        assert "2 replica(s)" in out, out  # one CPU replica per worker, in one cluster
-    fingerprints = [re.findall(r"weights fingerprint (\w+)", out) for out, _ in outputs]
+    results = finish(procs, timeout=240, what="two train workers")  # a hung collective fails
+    for r in results:
+        ok(r)
+        assert "2 replica(s)" in r.stdout, r.stdout  # one CPU replica per worker, in one cluster
+    outputs = [r.stdout for r in results]
+    fingerprints = [re.findall(r"weights fingerprint (\w+)", out) for out in outputs]
     assert fingerprints[0] == fingerprints[1] and len(fingerprints[0]) == 1
-    assert "wrote" in outputs[0][0] and "wrote" not in outputs[1][0]
+    assert "wrote" in outputs[0] and "wrote" not in outputs[1]
     assert (workdir / "export" / "saved_model.pb").is_file()
     assert not (workdir / "tmp-workers" / "worker-1").exists()

@@ -23,6 +23,7 @@ import pytest
 
 from pipeline import cli, k8s_cli, k8s_net, k8s_sim
 from preprocessing.errors import UserError
+from tests.helpers import finish, ok, start, stop
 from trainer import cluster
 
 KUBECTL = shutil.which("kubectl")
@@ -329,12 +330,8 @@ def test_a_bad_preset_exits_2_and_fails_the_train_job_at_once(capsys, tmp_path):
     assert "Failed (exit code 2): sae train: error: argument --preset" in captured.out
 
 
-def _popen(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def _simulate(root: Path, *args: str) -> subprocess.Popen:
-    return _popen([*_simulate_argv(root), *args])
+    return start([*_simulate_argv(root), *args], stderr=subprocess.STDOUT)
 
 
 # 4 epochs of 10 steps, a checkpoint at each epoch end; "Epoch 3/4" is printed after the
@@ -363,19 +360,16 @@ def test_every_job_runs_and_a_killed_worker_resumes_to_the_uninterrupted_weights
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     # In parallel: --job all, and (its own dataset first) a train run whose worker 1 is
     # SIGKILLed after the epoch-2 checkpoint.
+    # On a timeout, helpers.stop sends SIGTERM first: the simulator stops its pods and
+    # removes its namespaces.
     procs = [_simulate(whole, "--job", "all"), _simulate(killed, "--job", "preprocess")]
     try:
-        preprocessed = procs[1].communicate(timeout=600)[0]
-        assert procs[1].returncode == 0, preprocessed[-4000:]
+        ok(finish(procs[1:], timeout=600, what="simulate --job preprocess")[0])
         procs[1] = _simulate(killed, "--job", "train", "--kill", "1@/Epoch 3\\//")
-        outs = [p.communicate(timeout=1100)[0] for p in procs]
+        outs = [ok(r).stdout for r in finish(procs, timeout=1100, what="simulate")]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.terminate()  # the simulator stops its pods and removes its namespaces
-                p.communicate()
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-4000:]
+            stop(p)
     whole_out, killed_out = outs
     for job in ("sae-preprocess", "sae-train", "sae-extract", "sae-retrain-sim"):
         assert f"{job}: complete" in whole_out, whole_out
