@@ -5,15 +5,17 @@ Two halves live in this file:
 * the *server* half (``python tests/gcs_emulator.py serve ...``), run as a child
   process. It runs the ``gcp-storage-emulator`` package's own HTTP server
   (``gcp_storage_emulator.server.create_server``, the code path behind
-  ``python -m gcp_storage_emulator start --in-memory``) with three additions:
+  ``python -m gcp_storage_emulator start --in-memory``; version 2026.7.19, pinned in
+  pyproject.toml), with what the project's clients need and the package lacks:
 
-  1. GCS request preconditions (``ifGenerationMatch``, ``ifGenerationNotMatch``,
-     ``ifMetagenerationMatch``, ``ifMetagenerationNotMatch`` and the
-     ``ifSource*`` variants of copy/rewrite). The package ignores them, so an
-     "only if absent" create (``if_generation_match=0``) silently overwrote.
-     The emulator serves one request at a time, so check-then-write is atomic,
-     as on real GCS.
-  2. An HTTPS proxy for TensorFlow. TensorFlow's built-in ``gs://`` filesystem
+  1. ``ifGenerationMatch`` on uploads: pipeline/models.py promotes a model by a
+     compare-and-swap of its CURRENT pointer (google-cloud-storage,
+     ``if_generation_match``); the package ignores the condition.
+  2. The generation headers on media downloads: without them google-cloud-storage
+     resets ``blob.generation`` after a download, and the swap's token is lost.
+  3. Zero-byte ``uploadType=media`` uploads, which crashed the package: TensorFlow's
+     directory markers.
+  4. An HTTPS proxy for TensorFlow. TensorFlow's built-in ``gs://`` filesystem
      has its endpoints compiled in (``https://www.googleapis.com/storage/v1/``,
      ``https://www.googleapis.com/upload/storage/v1/``,
      ``https://storage.googleapis.com/<bucket>/<object>``) and honours no
@@ -22,10 +24,9 @@ Two halves live in this file:
      only, terminates TLS with a certificate from a throw-away CA and forwards
      the plain HTTP requests to the emulator. Any other ``CONNECT`` is refused,
      so nothing that honours ``https_proxy`` can reach the internet.
-  3. Two fidelity fixes: zero-byte ``uploadType=media`` uploads (TensorFlow's
-     directory markers) crashed the emulator, and media downloads now carry
-     ``x-goog-generation``/``x-goog-metageneration`` like GCS (without them
-     google-cloud-storage resets ``blob.generation`` to None after a download).
+
+  Beam's gcsio needs nothing beyond the package (it talks to STORAGE_EMULATOR_HOST
+  through google-cloud-storage and sends no preconditions by default).
 
 * the *client* half (:class:`GcsEmulator`), used by ``tests/conftest.py``:
   it starts the child, waits until it answers, creates buckets and returns the
@@ -73,199 +74,101 @@ log = logging.getLogger("gcs_emulator")
 
 
 # --------------------------------------------------------------------------- #
-# Server half: preconditions                                                  #
+# Server half: what the package lacks                                          #
 # --------------------------------------------------------------------------- #
+# Written against gcp-storage-emulator 2026.7.19, pinned exactly in pyproject.toml: the
+# package has no hook for these, so `install_fixes` swaps two functions in its handler
+# table (`server.HANDLERS`, a module-level tuple) and sets one private field of its
+# request (`_data`). A new version may move either; tests/test_gcs_emulator.py then fails.
+# Each fix exists for a client the project uses, named below; nothing else is changed.
 
-_PRECONDITION_KEYS = (
-    "ifGenerationMatch",
-    "ifGenerationNotMatch",
-    "ifMetagenerationMatch",
-    "ifMetagenerationNotMatch",
-    "ifSourceGenerationMatch",
-    "ifSourceGenerationNotMatch",
-    "ifSourceMetagenerationMatch",
-    "ifSourceMetagenerationNotMatch",
-)
+_PRECONDITION_FAILED = "At least one of the pre-conditions you specified did not hold."
 
 
-def _query_int(query: Mapping[str, list[str]], key: str) -> int | None:
-    values = query.get(key)
-    return int(values[0]) if values else None
-
-
-def _violated(query, prefix: str, generation: int | None, metageneration: int | None):
-    """Returns the first precondition of ``if{prefix}...`` that does not hold, or None.
-
-    A missing object has generation 0 (so ``ifGenerationMatch=0`` means "must not
-    exist" and ``ifGenerationNotMatch=0`` means "must exist"), as on GCS.
-    """
-    gen = generation or 0
-    match = _query_int(query, f"if{prefix}GenerationMatch")
-    if match is not None and gen != match:
-        return f"if{prefix}GenerationMatch"
-    not_match = _query_int(query, f"if{prefix}GenerationNotMatch")
-    if not_match is not None and gen == not_match:
-        return f"if{prefix}GenerationNotMatch"
-    meta_match = _query_int(query, f"if{prefix}MetagenerationMatch")
-    if meta_match is not None and metageneration != meta_match:
-        return f"if{prefix}MetagenerationMatch"
-    meta_not_match = _query_int(query, f"if{prefix}MetagenerationNotMatch")
-    if meta_not_match is not None and metageneration == meta_not_match:
-        return f"if{prefix}MetagenerationNotMatch"
-    return None
-
-
-def _generations(storage, bucket: str, name: str) -> tuple[int | None, int | None]:
-    obj = storage.objects.get(bucket, {}).get(name)
-    if obj is None:
-        return None, None
-    return int(obj["generation"]), int(obj.get("metageneration") or 1)
-
-
-def _target_of_path(request, storage):
-    return request.params["bucket_name"], request.params["object_id"]
-
-
-def _target_of_copy_dest(request, storage):
-    return request.params["dest_bucket_name"], request.params["dest_object_id"]
-
-
-def _target_of_upload(request, storage):
-    """The object an upload (media, multipart, resumable start or chunk) writes."""
-    bucket = request.params["bucket_name"]
-    upload_id = request.query.get("upload_id")
-    if upload_id:
-        try:
-            return bucket, storage.get_resumable_file_obj(upload_id[0])["name"]
-        except Exception:  # unknown session: let the handler answer
-            return None
+def _upload_target(request) -> str | None:
+    """The object name an upload writes: in the query (media) or in the metadata part
+    (multipart, the start of a resumable upload)."""
     if "name" in request.query:
-        return bucket, request.query["name"][0]
+        return request.query["name"][0]
     data = request.data
     if isinstance(data, dict):
         meta = data["meta"] if "meta" in data and "content" in data else data
-        if isinstance(meta, dict) and meta.get("name"):
-            return bucket, meta["name"]
+        if isinstance(meta, dict):
+            return meta.get("name")
     return None
 
 
-def _guarded(handler, targets):
-    """Wraps an emulator handler so it answers 412 (or 304) when a precondition fails."""
+def _generation_mismatch(request, storage) -> bool:
+    """Whether an upload's ``ifGenerationMatch`` does not hold (a missing object has
+    generation 0, so ``ifGenerationMatch=0`` means "only if absent").
 
-    @functools.wraps(handler)
+    For pipeline/models.py: its compare-and-swap of CURRENT is google-cloud-storage's
+    ``upload_from_string(..., if_generation_match=token)``; the package ignores the
+    condition, so two racing promotions both "won". It serves one request at a time, so
+    this check and the write that follows are atomic, as on GCS. Beam's gcsio and
+    TensorFlow send no preconditions (Beam only with --enable_gcsio_blob_generation)."""
+    values = request.query.get("ifGenerationMatch")
+    name = _upload_target(request) if values else None
+    if name is None:
+        return False
+    obj = storage.objects.get(request.params["bucket_name"], {}).get(name)
+    return int(obj["generation"] if obj else 0) != int(values[0])
+
+
+def _fixed_insert(insert):
+    @functools.wraps(insert)
     def wrapped(request, response, storage, *args, **kwargs):
-        if any(key in request.query for key in _PRECONDITION_KEYS):
-            for resolve, prefix, may_be_absent in targets:
-                target = resolve(request, storage)
-                if target is None:
-                    continue
-                generation, metageneration = _generations(storage, *target)
-                if generation is None and not may_be_absent:
-                    continue  # reading/changing a missing object: the handler says 404
-                failed = _violated(request.query, prefix, generation, metageneration)
-                if failed is None:
-                    continue
-                if request.method == "GET" and failed.endswith("NotMatch"):
-                    response.status = HTTPStatus.NOT_MODIFIED
-                    return None
-                message = "At least one of the pre-conditions you specified did not hold."
-                response.status = HTTPStatus.PRECONDITION_FAILED
-                response.json(
-                    {
-                        "error": {
-                            "code": 412,
-                            "message": message,
-                            "errors": [
-                                {
-                                    "domain": "global",
-                                    "reason": "conditionNotMet",
-                                    "message": message,
-                                    "locationType": "header",
-                                    "location": failed,
-                                }
-                            ],
-                        }
-                    }
-                )
-                return None
-        return handler(request, response, storage, *args, **kwargs)
-
-    return wrapped
-
-
-def _accept_empty_media_upload(handler):
-    """The emulator crashes on a zero-byte ``uploadType=media`` body (it reads it as
-    None); TensorFlow creates directory markers exactly that way."""
-
-    @functools.wraps(handler)
-    def wrapped(request, response, storage, *args, **kwargs):
+        # TensorFlow's directory markers (tf.io.gfile.makedirs) are zero-byte
+        # uploadType=media uploads; the package reads that body as None and crashes.
         if request.query.get("uploadType") == ["media"] and request.data is None:
             request._data = b""
-        return handler(request, response, storage, *args, **kwargs)
+        if _generation_mismatch(request, storage):
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            reason = {
+                "domain": "global",
+                "reason": "conditionNotMet",
+                "location": "ifGenerationMatch",
+            }
+            message = {"code": 412, "message": _PRECONDITION_FAILED, "errors": [reason]}
+            response.json({"error": message})  # what google-api-core reads as PreconditionFailed
+            return None
+        return insert(request, response, storage, *args, **kwargs)
 
     return wrapped
 
 
-def _with_object_headers(handler):
-    """Media downloads from GCS carry the object's generation and friends as headers;
-    the emulator omits them and google-cloud-storage then *clears* ``blob.generation``
-    after ``download_as_bytes()``, which turns a later ``if_generation_match=
-    blob.generation`` into an unconditional write."""
+def _fixed_download(download):
+    """Media downloads from GCS carry the object's generation as headers; the package
+    omits them, and google-cloud-storage then *clears* ``blob.generation`` after
+    ``download_as_bytes()``: pipeline/models.py's read_current takes its compare-and-swap
+    token from there."""
 
-    @functools.wraps(handler)
+    @functools.wraps(download)
     def wrapped(request, response, storage, *args, **kwargs):
-        result = handler(request, response, storage, *args, **kwargs)
+        result = download(request, response, storage, *args, **kwargs)
         if response.status in (200, 206):
             bucket, name = request.params["bucket_name"], request.params["object_id"]
             obj = storage.objects.get(bucket, {}).get(name)
             if obj is not None:
                 response["X-Goog-Generation"] = str(obj["generation"])
                 response["X-Goog-Metageneration"] = str(obj.get("metageneration") or 1)
-                response["X-Goog-Stored-Content-Length"] = str(obj.get("size"))
-                response["X-Goog-Storage-Class"] = obj.get("storageClass") or "STANDARD"
-                if obj.get("etag"):
-                    response["ETag"] = obj["etag"]
         return result
 
     return wrapped
 
 
-def install_precondition_support() -> None:
-    """Adds GCS preconditions to the gcp-storage-emulator handlers (server process only),
-    plus two fidelity fixes (empty media uploads, generation headers on downloads).
-
-    Not covered: preconditions inside batch requests (the emulator's batch parser
-    drops query strings) and XML-API ``x-goog-if-generation-match`` headers.
-    """
+def install_fixes() -> None:
+    """The two fixed handlers, in the routing table and as module attributes (the router's
+    fallback for uploads posted without the /upload prefix looks up objects.insert)."""
     from gcp_storage_emulator import server
     from gcp_storage_emulator.handlers import objects
 
-    # (object resolver, "" or "Source", whether a missing object is generation 0)
-    existing = [(_target_of_path, "", False)]
-    upload = [(_target_of_upload, "", True)]
-    copy = [(_target_of_copy_dest, "", True), (_target_of_path, "Source", False)]
-    plan = {
-        "insert": upload,
-        "upload_partial": upload,
-        "copy": copy,
-        "rewrite": copy,
-        "compose": [(_target_of_path, "", True)],
-        "delete": existing,
-        "patch": existing,
-        "get": existing,
-        "download": existing,
+    replacements = {
+        objects.insert: _fixed_insert(objects.insert),
+        objects.download: _fixed_download(objects.download),
     }
-    replacements = {}
-    for name, targets in plan.items():
-        original = getattr(objects, name)
-        wrapped = _guarded(original, targets)
-        if name == "insert":
-            wrapped = _accept_empty_media_upload(wrapped)
-        if name == "download":
-            wrapped = _with_object_headers(wrapped)
-        replacements[original] = wrapped
-        # Module attribute too: the router's upload fallback looks up objects.insert.
-        setattr(objects, name, wrapped)
+    for original, fixed in replacements.items():
+        setattr(objects, original.__name__, fixed)
     server.HANDLERS = tuple(
         (regex, {method: replacements.get(fn, fn) for method, fn in methods.items()})
         for regex, methods in server.HANDLERS
@@ -421,6 +324,7 @@ class _ProxyServer(http.server.ThreadingHTTPServer):
 def _serve(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gcs_emulator.py serve")
     parser.add_argument("--host", default=HOST)
+    parser.add_argument("--port", type=int, required=True, help="the emulator's (free) port")
     parser.add_argument("--cert", required=True, help="PEM: server certificate chain")
     parser.add_argument("--key", required=True, help="PEM: server private key")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -437,14 +341,11 @@ def _serve(argv: list[str]) -> int:
 
     from gcp_storage_emulator.server import create_server
 
-    install_precondition_support()
-    # Same as `python -m gcp_storage_emulator start --in-memory`, on a free port.
-    emulator = create_server(args.host, 0, in_memory=True)
+    install_fixes()
+    # What `python -m gcp_storage_emulator start --in-memory` runs, on the given port.
+    emulator = create_server(args.host, args.port, in_memory=True)
     emulator.start()
-    try:
-        emulator_port = emulator._api._httpd.server_address[1]
-    except AttributeError as err:  # the package changed its internals
-        raise SystemExit(f"cannot find the emulator's port: {err}") from err
+    emulator_port = args.port
 
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(args.cert, args.key)
@@ -574,6 +475,8 @@ class GcsEmulator:
 
     def start(self, timeout: float = START_TIMEOUT_S) -> GcsEmulator:
         """Starts the child and waits until both the emulator and the proxy answer."""
+        from tests.helpers import free_port  # the client half only (the child runs as a script)
+
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ca_path, chain, key = write_tls_material(self.workdir)
         self._write_credentials()
@@ -584,6 +487,8 @@ class GcsEmulator:
             "serve",
             "--host",
             HOST,
+            "--port",
+            str(free_port(HOST)),
             "--cert",
             str(chain),
             "--key",
@@ -681,12 +586,6 @@ class GcsEmulator:
             self._log_file.close()
             self._log_file = None
 
-    def __enter__(self) -> GcsEmulator:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     # -- configuration ------------------------------------------------------ #
 
     @property
@@ -776,13 +675,6 @@ class GcsEmulator:
         bucket.soft_delete_policy.retention_duration_seconds = 0
         bucket.patch()
         return name
-
-    def wipe(self, keep_buckets: bool = True) -> None:
-        """Deletes every object (and, unless keep_buckets, every bucket)."""
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        query = "?keep-buckets=1" if keep_buckets else ""
-        with opener.open(f"{self.endpoint}/wipe{query}", timeout=10) as resp:
-            resp.read()
 
     def delete_prefix(self, bucket: str, prefix: str) -> int:
         """Deletes every object under ``prefix`` in ``bucket``; returns how many."""

