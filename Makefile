@@ -23,12 +23,19 @@ DEMO_FLAGS ?= --input builtin:mnist --preset mnist-conv --eval-fraction 0.25 --p
 demo: setup  ## the whole pipeline on builtin:mnist, conv path: $(DEMO)/report.html (resumes if rerun)
 	$(BIN)/sae run $(DEMO_FLAGS) --workdir $(DEMO)
 
+# Two pytest-xdist workers, one test module each at a time (--dist loadfile: a module's
+# fixtures, such as a job server or a trained model, are built once, in one worker). The
+# session fixtures in tests/conftest.py are built once and shared; each worker runs its own
+# GCS emulator. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: setup  ## the whole suite, slow end-to-end tests included (as CI runs it)
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(PYTEST)
 
 test-fast: setup  ## skip the slow end-to-end tests
-	$(BIN)/pytest -m 'not slow'
+	$(PYTEST) -m 'not slow'
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

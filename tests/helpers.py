@@ -127,14 +127,9 @@ def finish(
 
 
 def run(cmd: Sequence[str], timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    """Runs `cmd` to completion (see `finish`); stdin is closed unless input= is given."""
-    data = popen.pop("input", None)
-    popen.setdefault("stdin", subprocess.DEVNULL if data is None else subprocess.PIPE)
-    proc = start(cmd, **popen)
-    if data is not None:
-        proc.stdin.write(data)
-        proc.stdin.close()
-    return finish([proc], timeout, what=f"`{' '.join(map(str, cmd))}`")[0]
+    """Runs `cmd` to completion (see `finish`), with no standard input."""
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    return finish([start(cmd, **popen)], timeout, what=f"`{' '.join(map(str, cmd))}`")[0]
 
 
 def sae(*args: str | Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:

@@ -533,12 +533,8 @@ def test_the_rendered_train_pods_get_the_service_host_names(capsys, overlay):
 # ----------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_indexed_job_workers_train_in_sync_and_only_worker_0_writes(tmp_path):
-    from preprocessing import job
-
-    data = tmp_path / "data"
-    job.run(["--input", "builtin:digits", "--output", str(data),
-             "--direct_running_mode=in_memory", "--direct_num_workers=1"])  # fmt: skip
+def test_two_indexed_job_workers_train_in_sync_and_only_worker_0_writes(digits, tmp_path):
+    data = digits
     workdir = tmp_path / "run"
     hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
     base_env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
