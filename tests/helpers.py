@@ -39,7 +39,7 @@ FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 LABELLED_H, LABELLED_W = 11, 9
 SAE = [sys.executable, "-m", "pipeline.cli"]
 TAIL = 3000  # characters of stdout/stderr shown when a process fails
-STOP_GRACE_S = 10.0  # between SIGTERM (a simulator cleans up its pods) and SIGKILL
+STOP_GRACE_S = 30.0  # between SIGTERM (a simulator stops its pods, removes its netns) and SIGKILL
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
