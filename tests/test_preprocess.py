@@ -138,6 +138,12 @@ def test_too_many_errors_fails_after_writing_the_report(tmp_path):
     assert e.value.exit_code == job.EXIT_TOO_MANY_ERRORS
     assert not (out / manifest.MANIFEST_NAME).exists()
     assert len(error_entries(out)) == sum(bad is not None for bad in expect.values())
+    # The one failure rule of both Beam jobs (jobkit.fail): the reason and exit code beside
+    # the error report; the message the user saw is that reason.
+    failed = json.loads((out / job.FAILED_NAME).read_text())
+    assert failed["exit_code"] == job.EXIT_TOO_MANY_ERRORS
+    assert str(e.value) == f"{failed['reason']}; no manifest was written"
+    assert failed["num_errors"] == len(error_entries(out))
 
 
 def test_size_mismatch_without_resize_is_an_error_entry(tmp_path):
