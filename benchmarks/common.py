@@ -59,7 +59,9 @@ def make_patch_dataset(
 ) -> tuple[dict, float | None]:
     """`sae preprocess` of `patches` random side x side grey patches of each bundled photo
     (builtin:natural-images, seed 0) into `out`, reused if its manifest has these options.
-    Returns (the manifest's splits, seconds or None when reused)."""
+    Returns (its manifest, seconds or None when reused)."""
+    from preprocessing import manifest as manifest_lib
+
     want = {
         "patches": patches,
         "patch_size": side,
@@ -68,12 +70,11 @@ def make_patch_dataset(
         "eval_fraction": eval_fraction,
         "seed": 0,
     }
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        made = json.loads(manifest.read_text())
-        if all(made["options"].get(k) == v for k, v in want.items()):
+    if manifest_lib.is_dataset(str(out)):
+        made = manifest_lib.load(str(out))
+        if all(made.options.get(k) == v for k, v in want.items()):
             log(f"reusing {out}")
-            return made["splits"], None
+            return made, None
     cmd = [
         sae_command(),
         "preprocess",
@@ -101,7 +102,7 @@ def make_patch_dataset(
     subprocess.run(cmd, check=True, stdout=sys.stderr, env=quiet_env())
     seconds = time.perf_counter() - t0
     log(f"made {out} in {seconds:.0f} s")
-    return json.loads(manifest.read_text())["splits"], round(seconds, 2)
+    return manifest_lib.load(str(out)), round(seconds, 2)
 
 
 # ----------------------------------------------------------------------------

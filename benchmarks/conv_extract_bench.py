@@ -114,8 +114,8 @@ def loop(mode: str, data_dir: str, export_dir: str, grid: int, stride: int, limi
 
     info = models.export_info(export_dir)
     model = tf.saved_model.load(export_dir)
-    k = info["image_shape"][0]
-    pooling = pooled.Pooling(grid, "mean", stride, k, int(info["config"]["hidden"]))
+    k = info.image_shape[0]
+    pooling = pooled.Pooling(grid, "mean", stride, k, info.config.hidden)
     fast = pooled.pooled_encoder(model.signatures["encode_map"], pooling)
     startup, rows = time.perf_counter() - t_start, 0
     for images in _batches(data_dir, limit):
@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             job = ["extract", "--data", args.data, "--model", args.model]
             job += ["--pool", f"{args.pool}x{args.pool}", "--stride", str(args.stride)]
             m, out = measure_sae_job(job, 2, workdir, name)
-            rows = json.loads((out / "manifest.json").read_text())["num_written"]
+            from pipeline import features
+
+            rows = features.load(str(out)).num_written
             return measured_run("rows", rows, m, {}, f"{rows} rows written")
 
         def own_loop(name):

@@ -124,10 +124,10 @@ def make_dataset(workdir: Path, rows: int) -> tuple[Path, float | None]:
     """workdir/data-28x28-ROWS (rows a multiple of PHOTOS); reused if complete.
     Returns (dir, seconds or None when reused)."""
     out = workdir / f"data-{SIDE}x{SIDE}-{rows}"
-    splits, seconds = make_patch_dataset(out, SIDE, rows // PHOTOS, NUM_SHARDS, EVAL_FRACTION)
-    total = sum(s["num_examples"] for s in splits.values())
-    if total != rows or splits["eval"]["num_examples"] == 0:
-        raise SystemExit(f"{out}: expected {rows} rows in train + eval, got {splits}")
+    made, seconds = make_patch_dataset(out, SIDE, rows // PHOTOS, NUM_SHARDS, EVAL_FRACTION)
+    counts = {s: made.num_examples(s) for s in ("train", "eval")}
+    if sum(counts.values()) != rows or counts["eval"] == 0:
+        raise SystemExit(f"{out}: expected {rows} rows in train + eval, got {counts}")
     return out, seconds
 
 
@@ -194,7 +194,7 @@ def direct_loop(data_dir: str, export_dir: str, output: str, formats: list[str])
     data = manifest_lib.load(data_dir)
     shape = data.image_shape
     info = models.export_info(export_dir)
-    rho, dim = float(info["config"]["rho"]), int(info["config"]["hidden"])
+    rho, dim = info.config.rho, info.config.hidden
     encode = tf.saved_model.load(export_dir).signatures["encode"]
     startup = time.perf_counter() - t_start
 
@@ -270,12 +270,14 @@ def run_sae(
     if formats != FORMATS_DEFAULT:
         job.append(f"--format={formats}")
     m, out = measure_sae_job(job, workers, workdir, name)
-    manifest = json.loads((out / "manifest.json").read_text())
+    from pipeline import features
+
+    made = features.load(str(out))
     digests = tfrecord_digests(sorted(out.glob("*.tfrecord"))) if "tfrecord" in formats else None
     shutil.rmtree(out, ignore_errors=True)
-    written, errors = manifest["num_written"], manifest["num_errors"]
-    ok = written == rows and errors == 0 and manifest["num_inputs"] == rows
-    return _result(rows, m, written, errors, manifest["l0"]["mean"], ok), digests
+    written, errors = made.num_written, made.num_errors
+    ok = written == rows and errors == 0 and made.num_inputs == rows
+    return _result(rows, m, written, errors, made.l0_mean, ok), digests
 
 
 def run_direct(

@@ -223,10 +223,12 @@ def run_sae(input_dir: Path, n: int, workers: int, workdir: Path, name: str) -> 
     log(f"{name}: {n} files ...")
     job = ["preprocess", "--input", str(input_dir), "--resize", f"{SIDE}x{SIDE}", "--channels", "1"]
     m, out = measure_sae_job(job, workers, workdir, name)
-    manifest = json.loads((out / "manifest.json").read_text())
-    examples = sum(s["num_examples"] for s in manifest["splits"].values())
+    from preprocessing import manifest as manifest_lib
+
+    made = manifest_lib.load(str(out))
+    examples = sum(made.num_examples(s) for s in ("train", "eval"))
     shutil.rmtree(out, ignore_errors=True)
-    return _result(n, m, examples, manifest["num_errors"], manifest["num_inputs"])
+    return _result(n, m, examples, made.num_errors, made.num_inputs)
 
 
 def run_plain(input_dir: Path, n: int, workdir: Path, name: str, encoder: str = "tf") -> dict:
@@ -420,10 +422,12 @@ def run_sae_photos(input_dir: Path, n: int, workers: int, workdir: Path, name: s
     side = f"{PHOTO_SIDE}x{PHOTO_SIDE}"
     job = ["preprocess", "--input", str(input_dir), "--resize", side, "--channels", "3"]
     m, out = measure_sae_job(job, workers, workdir, name)
-    manifest = json.loads((out / "manifest.json").read_text())
-    examples = sum(s["num_examples"] for s in manifest["splits"].values())
+    from preprocessing import manifest as manifest_lib
+
+    made = manifest_lib.load(str(out))
+    examples = sum(made.num_examples(s) for s in ("train", "eval"))
     shutil.rmtree(out, ignore_errors=True)
-    return _result(n, m, examples, manifest["num_errors"], manifest["num_inputs"])
+    return _result(n, m, examples, made.num_errors, made.num_inputs)
 
 
 def draft_psnr(input_dir: Path, sample: int) -> dict:

@@ -161,9 +161,10 @@ def make_dataset(workdir: Path, side: int, examples: int) -> Path:
     """workdir/data-KxK-N: natural-image patches via `sae preprocess`; reused if complete."""
     out = workdir / f"data-{side}x{side}-{examples}"
     patches = -(-examples // TRAIN_PHOTOS)
-    splits, _ = make_patch_dataset(out, side, patches, NUM_SHARDS, EVAL_FRACTION)
-    if splits["eval"]["num_examples"] == 0 or splits["train"]["num_examples"] < examples:
-        raise SystemExit(f"{out}: unexpected split sizes {splits}; the eval split hash changed?")
+    made, _ = make_patch_dataset(out, side, patches, NUM_SHARDS, EVAL_FRACTION)
+    counts = {s: made.num_examples(s) for s in ("train", "eval")}
+    if counts["eval"] == 0 or counts["train"] < examples:
+        raise SystemExit(f"{out}: unexpected split sizes {counts}; the eval split hash changed?")
     return out
 
 

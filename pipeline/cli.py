@@ -68,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name != "k8s":  # k8s passes gs:// URIs on to the cluster's pods
             from preprocessing import storage
 
-            storage.check_access(storage.uris_in_argv(rest))
+            # Every gs:// URI is reachable and listable before the command starts; the
+            # jobs' run(argv) then check what they write (storage.check_access, once).
+            storage.check_access(reads=storage.uris_in_argv(rest))
         module.run(rest)
     except UserError as e:
         print(f"sae {name}: error: {e}", file=sys.stderr)

@@ -16,6 +16,8 @@ import math
 
 import tensorflow as tf
 
+from preprocessing import storage
+
 # The UFLDL cost J = reconstruction + weight_decay + beta * sparsity, and its total.
 COST_TERMS = ("loss", "reconstruction", "sparsity", "weight_decay")
 
@@ -36,18 +38,16 @@ def read_scalars(tb_dir: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
     Images and histograms are skipped; a step logged twice (a resumed run) keeps the last.
     """
     out: dict[str, dict[str, dict[int, float]]] = {}
-    if not tf.io.gfile.isdir(tb_dir):
-        return {}
-    for run in sorted(tf.io.gfile.listdir(tb_dir)):
-        run = run.rstrip("/")
-        files = sorted(tf.io.gfile.glob(f"{tb_dir.rstrip('/')}/{run}/events.out.tfevents.*"))
-        for path in files:
-            for raw in tf.data.TFRecordDataset(path):
-                event = tf.compat.v1.Event.FromString(raw.numpy())
-                for v in event.summary.value:
-                    value = _value(v)
-                    if value is not None and math.isfinite(value):
-                        out.setdefault(run, {}).setdefault(v.tag, {})[int(event.step)] = value
+    root = tb_dir.rstrip("/")
+    # Sorted by path: runs by name, a run's event files in the order they were written.
+    for path in sorted(storage.glob(f"{root}/*/events.out.tfevents.*")):
+        run = path[len(root) + 1 :].split("/")[0]
+        for raw in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            for v in event.summary.value:
+                value = _value(v)
+                if value is not None and math.isfinite(value):
+                    out.setdefault(run, {}).setdefault(v.tag, {})[int(event.step)] = value
     return {
         run: {tag: sorted(pts.items()) for tag, pts in tags.items()} for run, tags in out.items()
     }

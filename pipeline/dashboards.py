@@ -17,7 +17,6 @@ reduced to per-image maxima before the next.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,15 +121,14 @@ def compute(
     """The dashboards of the model at export_dir on the eval split of data_root."""
     import tensorflow as tf
 
-    from trainer import EXPORT_INFO
+    from trainer import artifacts
 
-    with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{EXPORT_INFO}") as f:
-        cfg = json.load(f)["config"]
+    cfg = artifacts.read_export_info(export_dir).config
     keys, images = eval_images(data_root, max_images)
     model = tf.saved_model.load(export_dir)
     w1 = model.model.w1.numpy()  # [K*K*C, s]: the trainer's filters (whitened space if ZCA)
-    kh, kw = cfg["input_shape"][:2]
-    patch = bool(cfg.get("patch_size")) and images.shape[1:3] != (kh, kw)
+    kh, kw = cfg.input_shape[:2]
+    patch = bool(cfg.patch_size) and images.shape[1:3] != (kh, kw)
     s = w1.shape[1]
     positions = (images.shape[1] - kh + 1) * (images.shape[2] - kw + 1) if patch else 1
     step = batch_for(positions, s, batch_size)
@@ -152,12 +150,12 @@ def compute(
         return Dashboards([], 0, 0, 0, patch)
     mean, rate = total / inputs, fired / inputs
     best_a, rows_a, cols_a = (np.concatenate(a) for a in (best, rows, cols))
-    chosen = select_units(rate, mean, cfg["rho"], num_units)
+    chosen = select_units(rate, mean, cfg.rho, num_units)
     order = top_k(best_a[:, chosen], top)  # [units, top]
     units = [
         Unit(
             index=int(j),
-            filter=w1[:, j].reshape(cfg["input_shape"]),
+            filter=w1[:, j].reshape(cfg.input_shape),
             firing_rate=float(rate[j]),
             mean_activation=float(mean[j]),
             top_inputs=crop(images, idx, rows_a[idx, j], cols_a[idx, j], (kh, kw)),
@@ -166,4 +164,4 @@ def compute(
         )
         for j, idx in zip(chosen, order, strict=True)
     ]
-    return Dashboards(units, len(images), inputs, int(dead_units(mean, cfg["rho"]).sum()), patch)
+    return Dashboards(units, len(images), inputs, int(dead_units(mean, cfg.rho).sum()), patch)

@@ -21,17 +21,17 @@ Exit codes: 0 done; 2 bad flags or input; 3 too many inputs could not be encoded
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
-import json
 import math
 import os
 import uuid
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import feature_records as fr
@@ -46,6 +46,7 @@ from preprocessing import (
     records,
     sharding,
     sources,
+    storage,
     tf_noise,
     wire,
 )
@@ -103,6 +104,17 @@ def sparsify(acts: np.ndarray, kind: str, value: float) -> list[tuple[np.ndarray
 # ----------------------------------------------------------------------------
 # Beam pieces.
 # ----------------------------------------------------------------------------
+class Inputs(NamedTuple):
+    """What both input transforms give the encoder, whatever --data is."""
+
+    batches: beam.PCollection  # list[Example], at most batch_size each
+    errors: beam.PCollection  # {"uri", "reason"} per input that cannot be encoded
+    num_inputs: beam.PCollection  # singleton: inputs read (each ends as a row or an error)
+    expected: beam.PCollection  # singleton: inputs known before reading (sizes the shards)
+    labels: beam.PCollection  # singleton: the label names (None when unlabelled)
+    read_counts: beam.PCollection  # (shard path, records read); empty for raw images
+
+
 def parse_input_record(element, shape, split_of_file: dict):
     """(shard path, serialized tf.train.Example) -> Example, or an error entry."""
     path, serialized = element
@@ -123,9 +135,72 @@ def parse_input_record(element, shape, split_of_file: dict):
     yield Example(split_of_file[path], r.key, r.label, r.image)
 
 
-def _without_split(batch: list[Example]) -> list[Example]:
-    """Raw images belong to no split (their features record split "")."""
-    return [ex._replace(split="") for ex in batch]
+class ReadDataset(beam.PTransform):
+    """PBegin -> Inputs: the records of a `sae preprocess` output's splits, checked
+    against the model's input shape."""
+
+    def __init__(
+        self, data: manifest_lib.Manifest, splits: list[str], shape: tuple, batch_size: int
+    ):
+        super().__init__()
+        self.data, self.splits, self.shape, self.batch_size = data, splits, shape, batch_size
+
+    def expand(self, pbegin) -> Inputs:
+        split_of = {path: s for s in self.splits for path in self.data.shard_paths(s)}
+        read = (
+            pbegin
+            | "ShardPaths" >> beam.Create(sorted(split_of))
+            | "ReadRecords" >> beam.io.ReadAllFromTFRecord(with_filename=True)
+        )
+        # Records per file, to name a shard that holds other than its manifest count; their
+        # sum is the input count (every record read ends as a row or an error entry).
+        read_counts = (
+            read
+            | "FileOfRecord" >> beam.Map(lambda element: element[0])
+            | "CountPerFile" >> beam.combiners.Count.PerElement()
+        )
+        num_inputs = (
+            read_counts | "Counts" >> beam.Values() | "SumCounts" >> beam.CombineGlobally(sum)
+        )
+        parsed = read | "Parse" >> beam.FlatMap(
+            parse_input_record, self.shape, split_of
+        ).with_outputs("errors", main="examples")
+        batches = parsed.examples | "Batch" >> beam.BatchElements(
+            min_batch_size=min(32, self.batch_size), max_batch_size=self.batch_size
+        )
+        # Known up front from the manifest, so rows stream into shards as they are
+        # encoded (a count computed in the pipeline would make the runner hold them).
+        expected = pbegin | "ExpectedInputs" >> beam.Create(
+            [sum(self.data.num_examples(s) for s in self.splits)]
+        )
+        labels = pbegin | "Labels" >> beam.Create([self.data.label_names])
+        return Inputs(batches, parsed.errors, num_inputs, expected, labels, read_counts)
+
+
+def _chunks(batch: list[Example], size: int) -> list[list[Example]]:
+    """A decoded batch as encode batches of at most `size`; raw images belong to no split
+    (their features record split "")."""
+    batch = [ex._replace(split="") for ex in batch]
+    return [batch[i : i + size] for i in range(0, len(batch), size)]
+
+
+class ReadImages(beam.PTransform):
+    """PBegin -> Inputs: raw images decoded as preprocessing decodes them (no pixel
+    statistics: nothing here uses them)."""
+
+    def __init__(self, source: sources.Source, decoding: decode.DecodeOptions, batch_size: int):
+        super().__init__()
+        self.source, self.batch_size = source, batch_size
+        self.decoding = dataclasses.replace(decoding, pixel_stats=False)
+
+    def expand(self, pbegin) -> Inputs:
+        decoded = pbegin | "ReadAndDecode" >> decode.ReadAndDecode(
+            self.source, self.decoding, sources.label_names(self.source)
+        )
+        batches = decoded.examples | "EncodeBatches" >> beam.FlatMap(_chunks, self.batch_size)
+        no_shards = pbegin | "NoShards" >> beam.Create([])
+        num = decoded.num_inputs
+        return Inputs(batches, decoded.errors, num, num, decoded.labels, no_shards)
 
 
 class Encode(beam.DoFn):
@@ -164,7 +239,9 @@ class Encode(beam.DoFn):
             (
                 "features",
                 ex.key,
-                fr.encode(fr.FeatureRecord(ex.key, idx, vals, acts.shape[1], ex.split, ex.label)),
+                fr.encode_row(
+                    fr.FeatureRecord(ex.key, idx, vals, acts.shape[1], ex.split, ex.label)
+                ),
             )
             for ex, (idx, vals) in zip(batch, rows, strict=True)
         ]
@@ -205,15 +282,16 @@ class SumStats(beam.CombineFn):
 def write_feature_shard(
     out: str, group: str, index: int, total: int, recs: list, formats: tuple[str, ...]
 ) -> dict:
-    """A ShardWriter: sorted [(key, serialized feature record)] -> .tfrecord and/or .parquet."""
+    """A ShardWriter: sorted [(key, `fr.encode_row` payload)] -> .tfrecord and/or .parquet."""
     info = {"group": group, "index": index, "num_examples": len(recs)}
     if "tfrecord" in formats:
         path = sharding.shard_path(out, group, index, total, ".tfrecord")
-        sharding.write_atomically(path, (wire.tfrecord_frame(r) for _, r in recs))
+        frames = (wire.tfrecord_frame(fr.row_example(bytes(r))) for _, r in recs)
+        storage.publish_chunks(path, frames)
         info["tfrecord"] = path.rsplit("/", 1)[1]
     if "parquet" in formats:
         path = sharding.shard_path(out, group, index, total, ".parquet")
-        sharding.write_atomically(path, [fr.parquet_bytes([fr.decode(bytes(r)) for _, r in recs])])
+        storage.publish(path, fr.parquet_bytes([fr.row_record(k, bytes(r)) for k, r in recs]))
         info["parquet"] = path.rsplit("/", 1)[1]
     return info
 
@@ -222,33 +300,28 @@ class Finalize(beam.DoFn):
     """Once, after everything is staged: check counts, swap the staged set in, write the
     manifest (the header element plus what was measured) last."""
 
-    def __init__(
-        self, out: str, staging: str, max_error_fraction: float, shard_counts: dict | None = None
-    ):
+    def __init__(self, out: str, staging: str, max_error_fraction: float, shard_counts: dict):
         self.out, self.staging = out, staging
         self.max_error_fraction = max_error_fraction
         self.shard_counts = shard_counts  # dataset input: {shard path: manifest count}
 
     def _fail(self, reason: str, exit_code: int) -> list:
-        # No manifest: the driver reports the reason; the staged set is left for inspection.
-        text = json.dumps({"reason": reason, "exit_code": exit_code})
-        sharding.write_atomically(join(self.staging, FAILED_NAME), [text.encode()])
-        return []
+        # No manifest, and the staged set is left for inspection (beside its error report).
+        return jobkit.fail(self.staging, reason, exit_code)
 
-    def process(self, header, shards, stats, num_inputs, num_errors, read_counts=None):
+    def process(self, header, shards, stats, num_inputs, num_errors, read_counts):
         written = sum(s["num_examples"] for s in shards)
         if written + num_errors != num_inputs:
             raise RuntimeError(f"accounting bug: {num_inputs} inputs != {written} + {num_errors}")
-        if self.shard_counts is not None:
-            # Fewer records than counted is lost data; extra ones are inputs like any other
-            # (encoded or error entries), so they are accounted for already.
-            for path, count in sorted(self.shard_counts.items()):
-                if read_counts.get(path, 0) < count:
-                    return self._fail(
-                        f"shard {path} holds {read_counts.get(path, 0)} records but its "
-                        f"manifest counts {count}; rerun `sae preprocess` for this dataset",
-                        EXIT_BAD_INPUT,
-                    )
+        # Fewer records than counted is lost data; extra ones are inputs like any other
+        # (encoded or error entries), so they are accounted for already.
+        for path, count in sorted(self.shard_counts.items()):
+            if read_counts.get(path, 0) < count:
+                return self._fail(
+                    f"shard {path} holds {read_counts.get(path, 0)} records but its "
+                    f"manifest counts {count}; rerun `sae preprocess` for this dataset",
+                    EXIT_BAD_INPUT,
+                )
         if num_inputs and (written == 0 or num_errors / num_inputs > self.max_error_fraction):
             reason = f"{num_errors} of {num_inputs} inputs could not be encoded " + (
                 "(all of them)" if written == 0 else "(over --max-error-fraction)"
@@ -284,31 +357,23 @@ class Finalize(beam.DoFn):
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "package_version": jobkit.package_version(),
         }
-        sharding.write_atomically(
-            join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()]
-        )
+        storage.publish_json(join(self.out, MANIFEST_NAME), manifest)
         return [manifest]
 
 
 def _swap_in(staging: str, out: str) -> None:
     """Replaces what is in `out` (old set, stale staging dirs) by the staged files."""
-    old = [
-        m.path
-        for m in FileSystems.match([join(out, "**")])[0].metadata_list
-        if not m.path.startswith(staging + "/")
-    ]
-    old.sort(key=lambda p: not p.endswith("/" + MANIFEST_NAME))  # manifest first
-    if old:
-        FileSystems.delete(old)
+    old = [p for p in jobkit.existing_files(out) if not p.startswith(staging + "/")]
+    storage.delete(old)  # manifest first
     # Folders of killed runs' staging areas (local filesystems keep empty folders).
     for stale in {p[len(out) + 1 :].split("/")[0] for p in old}:
         if stale.startswith(STAGING_PREFIX):
             with contextlib.suppress(OSError):
-                FileSystems.delete([join(out, stale)])
-    staged = [m.path for m in FileSystems.match([join(staging, "**")])[0].metadata_list]
-    sharding.move(staged, [join(out, p[len(staging) + 1 :]) for p in staged])
+                storage.delete([join(out, stale)])
+    staged = storage.files_under(staging)
+    storage.move(staged, [join(out, p[len(staging) + 1 :]) for p in staged])
     with contextlib.suppress(OSError):  # local: the now empty folders; object stores: nothing
-        FileSystems.delete([staging])
+        storage.delete([staging])
 
 
 # ----------------------------------------------------------------------------
@@ -446,32 +511,42 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Runs the job; returns the features manifest."""
     args, beam_args = make_parser().parse_known_args(argv)
     jobkit.configure_logging(args.verbose)
+    out = absolute(args.output.rstrip("/"))
+    storage.check_access(
+        reads=[("--data", args.data), ("--model", args.model)], writes=[("--output", out)]
+    )
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not formats or set(formats) - set(FORMATS):
         raise UserError(f"invalid --format {args.format!r}: use tfrecord, parquet or both")
     export_dir, version = models.resolve(absolute(args.model))
     info = models.export_info(export_dir)
-    shape = tuple(info["image_shape"])
-    rho = float(info["config"]["rho"])
+    shape, rho, hidden = info.image_shape, info.config.rho, info.config.hidden
     # A pooled value is a unit's mean rate over a region, not one activation: a threshold at
     # rho keeps about half of them and drops what tells the regions apart (pipeline/pooled.py).
     pooled_default = args.pool and args.sparsify == "default"
     kind, value = parse_sparsify("none" if pooled_default else args.sparsify, rho)
     pooling = None
     if args.pool:
-        pooling = pooled.pooling_of(
-            args.pool, args.pool_op, args.stride, shape, int(info["config"]["hidden"])
-        )
-    out = absolute(args.output.rstrip("/"))
+        pooling = pooled.pooling_of(args.pool, args.pool_op, args.stride, shape, hidden)
     # Nothing is deleted here: the new set replaces the old one only when complete.
     jobkit.refuse_non_empty(out, args.overwrite)
     staging = join(out, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
 
-    is_dataset = FileSystems.exists(join(args.data, MANIFEST_NAME))
+    is_dataset = manifest_lib.is_dataset(args.data)
+    if pooling and not is_dataset:
+        raise UserError(
+            f"--pool reads whole images of a `sae preprocess` output; {args.data} has no "
+            f"manifest: run `sae preprocess --input {args.data}` first"
+        )
     if is_dataset:
         data, splits, shape = _dataset_input(args.data, args.split, shape, export_dir, pooling)
+        inputs = ReadDataset(data, splits, shape, args.batch_size)
+        shard_counts = dict(sum((data.shards(s) for s in splits), []))
     else:
         source = sources.parse(args.data, flag="--data")
+        decoding = decode.DecodeOptions(shape, resize=True, aspect=args.aspect)
+        inputs = ReadImages(source, decoding, args.batch_size)
+        shard_counts = {}
     header = {
         "format_version": fr.FORMAT_VERSION,
         "kind": fr.KIND,
@@ -479,18 +554,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "model_export": export_dir,
         "model_version": version,
         "model_rho": rho,
-        "dim": pooling.dim if pooling else int(info["config"]["hidden"]),
+        "dim": pooling.dim if pooling else hidden,
         "sparsify": "none" if kind == "none" else f"{kind}:{value:g}",
         "formats": list(formats),
         "source": args.data,
     }
     if pooling:
         header["pooling"] = {"grid": pooling.grid, "op": pooling.op, "stride": pooling.stride}
-        if not is_dataset:
-            raise UserError(
-                f"--pool reads whole images of a `sae preprocess` output; {args.data} has no "
-                f"manifest: run `sae preprocess --input {args.data}` first"
-            )
     options = PipelineOptions(jobkit.default_beam_args(beam_args))
     print(
         f"extract: {args.data} -> {out} with {export_dir} ({header['sparsify']}, "
@@ -498,54 +568,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
         flush=True,
     )
     with jobkit.running(options, "extract", "rows", args.quiet) as (p, reporter):
-        if is_dataset:
-            split_of = {path: s for s in splits for path in data.shard_paths(s)}
-            header["label_names"] = data.label_names
-            read = (
-                p
-                | "ShardPaths" >> beam.Create(sorted(split_of))
-                | "ReadRecords" >> beam.io.ReadAllFromTFRecord(with_filename=True)
-            )
-            # Records per file, to name a shard that holds other than its manifest count.
-            read_counts = (
-                read
-                | "FileOfRecord" >> beam.Map(lambda element: element[0])
-                | "CountPerFile" >> beam.combiners.Count.PerElement()
-            )
-            parsed = read | "Parse" >> beam.FlatMap(
-                parse_input_record, shape, split_of
-            ).with_outputs("errors", main="examples")
-            errors = parsed.errors
-            batches = parsed.examples | "Batch" >> beam.BatchElements(
-                min_batch_size=min(32, args.batch_size), max_batch_size=args.batch_size
-            )
-            # Counted branch by branch: a Flatten of the parsed rows would make the local
-            # runner hold all of them between stages.
-            count = None
-            parsed_ok = parsed.examples | "CountParsed" >> beam.combiners.Count.Globally()
-            # Known up front from the manifest, so rows stream into shards as they are
-            # encoded (a count computed in the pipeline would make the runner hold them).
-            expected = p | "ExpectedInputs" >> beam.Create(
-                [sum(data.num_examples(s) for s in splits)]
-            )
-        else:
-            decoding = decode.DecodeOptions(shape, resize=True, aspect=args.aspect)
-            decoded = p | "ReadAndDecode" >> decode.ReadAndDecode(
-                source, decoding, sources.label_names(source)
-            )
-            # Decoded batches (<= 256 images) are the encode batches.
-            batches = decoded.examples | "NoSplit" >> beam.Map(_without_split)
-            errors = decoded.errors
-            count = expected = decoded.num_inputs
-            read_counts = None
-            header["label_names"] = None  # filled below from the decoded labels
-        _ = expected | "ReportTotal" >> beam.Map(reporter.set_total)
-        encoded = batches | "Encode" >> beam.ParDo(
+        read = p | "Read" >> inputs
+        _ = read.expected | "ReportTotal" >> beam.Map(reporter.set_total)
+        encoded = read.batches | "Encode" >> beam.ParDo(
             Encode(export_dir, kind, value, reporter, pooling)
         ).with_outputs("stats", main="features")
         # Sized for the dense worst case (every unit kept): ~6 bytes per unit plus the key.
         row_bytes = 6 * header["dim"] + 100
-        num_shards = expected | "NumShards" >> beam.Map(
+        num_shards = read.expected | "NumShards" >> beam.Map(
             lambda n: {
                 "features": sharding.num_shards_for(
                     n, n * row_bytes, args.target_shard_mb, args.num_shards
@@ -556,45 +586,33 @@ def run(argv: Sequence[str] | None = None) -> dict:
         sharded = encoded.features | "WriteShards" >> sharding.WriteShards(
             staging, writer, num_shards
         )
-        num_errors = errors | "WriteErrors" >> sharding.WriteErrors(join(staging, ERRORS_FILE))
+        num_errors = read.errors | "WriteErrors" >> sharding.WriteErrors(join(staging, ERRORS_FILE))
         stats = encoded.stats | "Stats" >> beam.CombineGlobally(SumStats())
-        if count is None:
-            count = parsed_ok | "PlusErrors" >> beam.Map(
-                lambda n, e: n + e, beam.pvalue.AsSingleton(num_errors)
-            )
+        header_pc = read.labels | "Header" >> beam.Map(
+            lambda names: {**header, "label_names": names}
+        )
         si = beam.pvalue.AsSingleton
-        if not is_dataset:
-            header_pc = decoded.labels | "Header" >> beam.Map(
-                lambda names: {**header, "label_names": names}
-            )
-        else:
-            header_pc = p | "Header" >> beam.Create([header])
-        shard_counts = dict(sum((data.shards(s) for s in splits), [])) if is_dataset else None
         _ = header_pc | "Finalize" >> beam.ParDo(
             Finalize(out, staging, args.max_error_fraction, shard_counts),
             beam.pvalue.AsList(sharded.shards),
             si(stats),
-            si(count),
+            si(read.num_inputs),
             si(num_errors),
-            **({"read_counts": beam.pvalue.AsDict(read_counts)} if is_dataset else {}),
+            beam.pvalue.AsDict(read.read_counts),
         )
     return _report(out, staging)
 
 
 def _report(out: str, staging: str) -> dict:
-    path = join(out, MANIFEST_NAME)
-    failed = join(staging, FAILED_NAME)
-    if FileSystems.exists(failed):
-        with FileSystems.open(failed) as f:
-            info = json.load(f)
-        raise UserError(f"{info['reason']}; no manifest was written", info["exit_code"])
-    with FileSystems.open(path) as f:
-        m = json.load(f)
+    from pipeline import features
+
+    manifest = jobkit.outcome(staging, join(out, MANIFEST_NAME))
+    m = features.FeatureSet(out, manifest)
     print(
-        f"extract: {m['num_inputs']} inputs -> {m['num_written']} feature rows in "
-        f"{len(m['shards'])} shards, {m['num_errors']} errors; mean nonzeros "
-        f"{m['l0']['mean']:.2f} of {m['dim']}, {len(m['dead_units'])} dead units",
+        f"extract: {m.num_inputs} inputs -> {m.num_written} feature rows in "
+        f"{m.num_shards} shards, {m.num_errors} errors; mean nonzeros "
+        f"{m.l0_mean:.2f} of {m.dim}, {len(m.dead_units)} dead units",
         flush=True,
     )
-    print(f"extract: wrote {path}", flush=True)
-    return m
+    print(f"extract: wrote {m.root}/{MANIFEST_NAME}", flush=True)
+    return manifest

@@ -10,10 +10,15 @@ TFRecord (tf.train.Example), parseable with tf.io.parse_example into a SparseTen
 
 Parquet: the same columns (indices as list<int32>, values as list<float32>, label
 nullable int64), for pandas / Spark / BigQuery.
+
+Inside `sae extract`, a row travels to the shard writers as one payload (`encode_row`):
+the TFRecord record followed by the Parquet columns, so neither writer parses a record
+back (`row_example`, `row_record`).
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +66,39 @@ def decode(serialized: bytes) -> FeatureRecord:
     )
 
 
+# After the record and the columns: record bytes, kept units k, split bytes, label (-1 =
+# none), dim.
+_ROW_TAIL = struct.Struct("<IIIqI")
+
+
+def encode_row(r: FeatureRecord) -> bytes:
+    """The shard writers' payload: `encode(r)`, then indices int32 [k], values float32 [k]
+    and the split, then _ROW_TAIL. Starting with the record keeps the writers' tie order
+    (equal keys sort by payload bytes) that of the records."""
+    example = encode(r)
+    split = r.split.encode()
+    indices = np.asarray(r.indices, "<i4")
+    label = -1 if r.label is None else int(r.label)
+    tail = _ROW_TAIL.pack(len(example), len(indices), len(split), label, r.dim)
+    values = np.asarray(r.values, "<f4")
+    return b"".join((example, indices.tobytes(), values.tobytes(), split, tail))
+
+
+def row_example(payload: bytes) -> bytes:
+    """The serialized tf.train.Example of an `encode_row` payload (a view, no copy)."""
+    n = _ROW_TAIL.unpack_from(payload, len(payload) - _ROW_TAIL.size)[0]
+    return memoryview(payload)[:n]
+
+
+def row_record(key: str, payload: bytes) -> FeatureRecord:
+    """The FeatureRecord of an `encode_row` payload, from its columns (no parsing)."""
+    n, k, split_len, label, dim = _ROW_TAIL.unpack_from(payload, len(payload) - _ROW_TAIL.size)
+    indices = np.frombuffer(payload, "<i4", k, n)
+    values = np.frombuffer(payload, "<f4", k, n + 4 * k)
+    split = bytes(payload[n + 8 * k : n + 8 * k + split_len]).decode()
+    return FeatureRecord(key, indices, values, dim, split, None if label < 0 else label)
+
+
 def feature_spec(dim: int) -> dict:
     """tf.io spec: "features" parses to a SparseTensor [dim] (or [batch, dim])."""
     import tensorflow as tf
@@ -95,8 +133,8 @@ def parquet_bytes(recs: list[FeatureRecord]) -> bytes:
     table = pa.table(
         {
             "key": [r.key for r in recs],
-            "indices": [r.indices.astype(np.int32) for r in recs],
-            "values": [r.values.astype(np.float32) for r in recs],
+            "indices": [np.asarray(r.indices, np.int32) for r in recs],
+            "values": [np.asarray(r.values, np.float32) for r in recs],
             "split": [r.split for r in recs],
             "label": [r.label for r in recs],
         },

@@ -11,44 +11,85 @@ All take local paths or gs:// URIs and read only the shards the manifest lists.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline import feature_records as fr
+from preprocessing import storage
 from preprocessing.errors import UserError
-from preprocessing.manifest import MANIFEST_NAME, join
+from preprocessing.manifest import MANIFEST_NAME
+from preprocessing.storage import join
 
 
 @dataclass(frozen=True)
 class FeatureSet:
+    """A feature manifest (FEATURES/manifest.json, written last by `sae extract`), read
+    with `load`: the typed view every stage reads it through."""
+
     root: str
-    manifest: dict
+    manifest: dict  # the JSON as written; read it through the properties below
 
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
 
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(self.manifest["formats"])
+
+    @property
+    def num_inputs(self) -> int:
+        return int(self.manifest["num_inputs"])
+
+    @property
+    def num_written(self) -> int:
+        """Feature rows written (one per encoded input)."""
+        return int(self.manifest["num_written"])
+
+    @property
+    def num_errors(self) -> int:
+        return int(self.manifest["num_errors"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    @property
+    def l0_mean(self) -> float:
+        """Mean number of kept (nonzero) units per row."""
+        return float(self.manifest["l0"]["mean"])
+
+    @property
+    def dead_units(self) -> list[int]:
+        return [int(u) for u in self.manifest["dead_units"]]
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.manifest.get("label_names") or [])
+
+    @property
+    def model_export(self) -> str:
+        return str(self.manifest["model_export"])
+
     def paths(self, fmt: str) -> list[str]:
-        if fmt not in self.manifest["formats"]:
+        if fmt not in self.formats:
             raise UserError(
                 f"feature set {self.root} has no {fmt} files (formats: "
-                f"{', '.join(self.manifest['formats'])}); rerun `sae extract --format`"
+                f"{', '.join(self.formats)}); rerun `sae extract --format`"
             )
         return [join(self.root, s[fmt]) for s in self.manifest["shards"]]
 
 
 def load(root: str) -> FeatureSet:
     """Reads ROOT/manifest.json of a feature set; a missing one is a clear error."""
-    import tensorflow as tf
-
     path = join(root, MANIFEST_NAME)
-    if not tf.io.gfile.exists(path):
-        raise UserError(f"no feature set at {root}: {path} is missing (incomplete or not run)")
-    with tf.io.gfile.GFile(path) as f:
-        manifest = json.load(f)
-    if manifest.get("kind") != fr.KIND:
+    manifest = storage.read_json(
+        path,
+        missing=f"no feature set at {root}: {path} is missing (incomplete or not run)",
+        fix="rerun `sae extract --overwrite`",
+    )
+    if not isinstance(manifest, dict) or manifest.get("kind") != fr.KIND:
         raise UserError(f"{path} is not a sae-pipeline feature manifest")
     return FeatureSet(root.rstrip("/"), manifest)
 
@@ -72,12 +113,8 @@ def dataframe(root: str):
     """pandas DataFrame with one row per input: key, indices, values, split, label."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import tensorflow as tf
 
-    tables = []
-    for path in load(root).paths("parquet"):
-        with tf.io.gfile.GFile(path, "rb") as f:
-            tables.append(pq.read_table(io.BytesIO(f.read())))
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(p))) for p in load(root).paths("parquet")]
     return pa.concat_tables(tables).to_pandas() if tables else fr.parquet_schema().empty_table()
 
 

@@ -7,8 +7,9 @@
 
 A version is complete before anything points at it, so readers (who go through
 CURRENT) never see a half-written model. CURRENT changes only by compare-and-swap:
-on GCS a write conditioned on the object's generation, locally an atomic rename
-under an exclusive lock. Two concurrent promotions that both read the same CURRENT
+on GCS a write conditioned on the object's generation (through the Cloud Storage client:
+Beam's FileSystems, preprocessing/storage.py's backend, has no conditional write), locally
+an atomic rename under an exclusive lock. Two concurrent promotions that both read the same CURRENT
 cannot both win: the loser gets `False` and must re-evaluate against the winner.
 """
 
@@ -22,11 +23,10 @@ import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from apache_beam.io.filesystems import FileSystems
-
+from preprocessing import storage
 from preprocessing.errors import ArgumentParser, UserError
-from preprocessing.manifest import join
-from trainer import EXPORT_INFO
+from preprocessing.storage import join
+from trainer import artifacts
 
 CURRENT = "CURRENT"
 VERDICT = "verdict.json"
@@ -42,12 +42,12 @@ def new_version() -> str:
 def resolve(uri: str) -> tuple[str, str | None]:
     """(export dir, version or None) for a model URI; raises UserError if there is none."""
     uri = uri.rstrip("/")
-    if FileSystems.exists(join(uri, "saved_model.pb")):
+    if storage.exists(join(uri, "saved_model.pb")):
         return uri, None
     version, _ = read_current(uri)
     if version is not None:
         export = join(uri, "versions", version, "export")
-        if not FileSystems.exists(join(export, "saved_model.pb")):
+        if not storage.exists(join(export, "saved_model.pb")):
             raise UserError(
                 f"{join(uri, CURRENT)} names version {version!r} but {export} has no model"
             )
@@ -138,44 +138,28 @@ class Version:
     rolled_back: bool
 
 
-def read_json(path: str) -> dict | None:
-    """A JSON file (local or gs://), or None if it does not exist."""
-    if not FileSystems.exists(path):
-        return None
-    with FileSystems.open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, data: dict) -> None:
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(data, indent=2).encode())
-
-
-def export_info(export_dir: str) -> dict:
+def export_info(export_dir: str) -> artifacts.ExportInfo:
     """The config, image shape and label names stored beside a SavedModel export."""
-    info = read_json(join(export_dir, EXPORT_INFO))
-    if info is None:
-        raise UserError(f"{export_dir} has no {EXPORT_INFO}: not a `sae train` export")
-    return info
+    return artifacts.read_export_info(export_dir)
 
 
 def versions(root: str) -> list[Version]:
     """All versions under ROOT/versions (each starts with its config.json), oldest first."""
     base = join(root.rstrip("/"), "versions")
-    configs = FileSystems.match([join(base, "*", "config.json")])[0].metadata_list
-    names = sorted(m.path[len(base) + 1 :].split("/")[0] for m in configs)
+    configs = storage.glob(join(base, "*", artifacts.CONFIG))
+    names = sorted(path[len(base) + 1 :].split("/")[0] for path in configs)
     return [
         Version(
-            n, read_json(join(base, n, VERDICT)), FileSystems.exists(join(base, n, ROLLED_BACK))
+            n,
+            storage.read_json_if_exists(join(base, n, VERDICT)),
+            storage.exists(join(base, n, ROLLED_BACK)),
         )
         for n in names
     ]
 
 
 def has_export(root: str, version: str) -> bool:
-    return FileSystems.exists(
-        join(root.rstrip("/"), "versions", version, "export", "saved_model.pb")
-    )
+    return storage.exists(join(root.rstrip("/"), "versions", version, "export", "saved_model.pb"))
 
 
 def promote(root: str, version: str, reason: str) -> None:
@@ -213,7 +197,7 @@ def rollback(root: str, to: str | None = None) -> str:
         raise UserError(f"version {to!r} has no export under {root}/versions")
     if not compare_and_swap(root, token, to):
         raise UserError(f"CURRENT of {root} changed during the rollback; retry", exit_code=1)
-    write_json(
+    storage.publish_json(
         join(root.rstrip("/"), "versions", current, ROLLED_BACK),
         {"rolled_back_to": to, "at": _now()},
     )
@@ -250,6 +234,8 @@ def make_parser() -> ArgumentParser:
 def run(argv: Sequence[str] | None = None) -> list[Version] | str | None:
     args = make_parser().parse_args(argv)
     root = args.models_root
+    changes = args.action in ("promote", "rollback")
+    storage.check_access(**{"writes" if changes else "reads": [("--models-root", root)]})
     if args.action == "promote":
         promote(root, args.version, "operator")
         return args.version

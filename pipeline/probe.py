@@ -10,14 +10,15 @@ dimensions (fit on train pixels; capped at the pixel count). Writes FEATURES/pro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
-from preprocessing import flags
+from preprocessing import flags, storage
 from preprocessing.errors import ArgumentParser, UserError
-from preprocessing.manifest import join
+from preprocessing.storage import join
+
+PROBE = "probe.json"  # in the feature set's folder
 
 
 def make_parser() -> ArgumentParser:
@@ -93,16 +94,26 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from pipeline import features
     from preprocessing import manifest
 
+    storage.check_access(reads=[("--data", args.data)], writes=[("--features", args.features)])
     # Both inputs checked before TensorFlow's import (seconds).
     features.load(args.features)
     manifest.load(args.data).check_shards()
-    import tensorflow as tf
 
     result = probe(args.features, args.data, args.max_iter)
-    with tf.io.gfile.GFile(join(args.features, "probe.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    storage.publish_json(join(args.features, PROBE), result)
     for name, acc in result["eval_accuracy"].items():
         print(
             f"evaluate-features: {name:<16} {result['dims'][name]:>5} dims  eval accuracy {acc:.4f}"
         )
     return result
+
+
+def read(features_root: str) -> dict | None:
+    """FEATURES/probe.json as `probe` returned it, or None if the probe has not run:
+    {"eval_accuracy": {name: accuracy}, "dims": {name: dims}, "train_examples",
+    "eval_examples"}."""
+    return storage.read_json_if_exists(join(features_root, PROBE))
+
+
+def probe_path(features_root: str) -> str:
+    return join(features_root, PROBE)

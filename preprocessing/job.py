@@ -19,13 +19,11 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from preprocessing import (
@@ -37,11 +35,12 @@ from preprocessing import (
     records,
     sharding,
     sources,
+    storage,
     wire,
 )
 from preprocessing.decode import SPLITS
-from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
-from preprocessing.manifest import ERRORS_FILE, KIND, MANIFEST_NAME, absolute, join
+from preprocessing.errors import EXIT_TOO_MANY_ERRORS, ArgumentParser
+from preprocessing.manifest import ERRORS_FILE, KIND, MANIFEST_NAME, Manifest, absolute, join
 
 FAILED_NAME = jobkit.FAILED_NAME
 
@@ -204,7 +203,7 @@ def write_tfrecord_shard(
     suffix = ".tfrecord.gz" if compression == "gzip" else ".tfrecord"
     path = sharding.shard_path(out, split, index, total, suffix)
     frames = (wire.tfrecord_frame(r) for _, r in recs)
-    sharding.write_atomically(path, frames, gzip=compression == "gzip")
+    storage.publish_chunks(path, frames, gzip=compression == "gzip")
     name = path.rsplit("/", 1)[1]
     return {"group": split, "index": index, "path": name, "num_examples": len(recs)}
 
@@ -212,8 +211,8 @@ def write_tfrecord_shard(
 class Finalize(beam.DoFn):
     """Runs once, after every shard and the error report are written.
 
-    Checks the accounting, then writes manifest.json last (or _FAILED.json when too
-    many inputs were rejected).
+    Checks the accounting, then writes manifest.json last, or fails (`jobkit.fail`) when
+    too many inputs were rejected or none was accepted.
     """
 
     def __init__(
@@ -244,11 +243,20 @@ class Finalize(beam.DoFn):
         fraction = num_errors / num_inputs if num_inputs else 1.0
         limit = self.output.max_error_fraction
         if fraction > limit or num_accepted == 0:
-            failed = dict(summary, error_fraction=fraction, max_error_fraction=limit)
-            sharding.write_atomically(
-                join(self.out, FAILED_NAME), [json.dumps(failed, indent=2).encode()]
+            why = (
+                "all of them: nothing to write"
+                if num_errors == num_inputs
+                else f"{fraction:.1%} > --max-error-fraction {limit:.1%}"
             )
-            return []
+            return jobkit.fail(
+                self.out,
+                f"{num_errors} of {num_inputs} inputs were rejected ({why}); "
+                f"reasons in {join(self.out, ERRORS_FILE)}",
+                EXIT_TOO_MANY_ERRORS,
+                **summary,
+                error_fraction=fraction,
+                max_error_fraction=limit,
+            )
         manifest = {
             "format_version": records.FORMAT_VERSION,
             "kind": KIND,
@@ -264,9 +272,7 @@ class Finalize(beam.DoFn):
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "package_version": jobkit.package_version(),
         }
-        sharding.write_atomically(
-            join(self.out, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()]
-        )
+        storage.publish_json(join(self.out, MANIFEST_NAME), manifest)
         return [manifest]
 
 
@@ -321,6 +327,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args, beam_args = make_parser().parse_known_args(argv)
     jobkit.configure_logging(args.verbose)
     out = absolute(args.output.rstrip("/"))
+    storage.check_access(
+        reads=[("--input", args.input), ("--tfds-data-dir", args.tfds_data_dir)],
+        writes=[("--output", out)],
+    )
     source = sources.parse(args.input, args.tfds_data_dir)
     declared = sources.label_names(source)
     size = (args.patch_size, args.patch_size) if args.patches else args.resize
@@ -342,8 +352,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     shape = decoding.shape
     existing = jobkit.refuse_non_empty(out, args.overwrite)
-    if existing:
-        FileSystems.delete(existing)  # manifest first
+    storage.delete(existing)  # manifest first
     options = PipelineOptions(jobkit.default_beam_args(beam_args))
     print(
         f"preprocess: {args.input} -> {out}  (image {shape[0]}x{shape[1]}x{shape[2]}, "
@@ -356,31 +365,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 def _report(out: str) -> dict:
-    failed = join(out, FAILED_NAME)
-    if FileSystems.exists(failed):
-        with FileSystems.open(failed) as f:
-            info = json.load(f)
-        why = (
-            "all of them: nothing to write"
-            if info["num_errors"] == info["num_inputs"]
-            else f"{info['error_fraction']:.1%} > --max-error-fraction "
-            f"{info['max_error_fraction']:.1%}"
-        )
-        raise UserError(
-            f"{info['num_errors']} of {info['num_inputs']} inputs were rejected ({why}); "
-            f"reasons in {join(out, ERRORS_FILE)}; no manifest was written",
-            exit_code=EXIT_TOO_MANY_ERRORS,
-        )
-    with FileSystems.open(join(out, MANIFEST_NAME)) as f:
-        manifest = json.load(f)
-    s = manifest["splits"]
+    manifest = jobkit.outcome(out, join(out, MANIFEST_NAME))
+    m = Manifest(out, manifest)
     print(
-        f"preprocess: {manifest['num_inputs']} inputs -> "
-        f"train {s['train']['num_examples']} examples in {len(s['train']['shards'])} shards, "
-        f"eval {s['eval']['num_examples']} in {len(s['eval']['shards'])}; "
-        f"{manifest['num_errors']} rejected"
-        + (f" (see {join(out, ERRORS_FILE)})" if manifest["num_errors"] else ""),
+        f"preprocess: {m.num_inputs} inputs -> "
+        f"train {m.num_examples('train')} examples in {m.num_shards('train')} shards, "
+        f"eval {m.num_examples('eval')} in {m.num_shards('eval')}; "
+        f"{m.num_errors} rejected" + (f" (see {join(out, ERRORS_FILE)})" if m.num_errors else ""),
         flush=True,
     )
-    print(f"preprocess: wrote {join(out, MANIFEST_NAME)}", flush=True)
+    print(f"preprocess: wrote {m.path}", flush=True)
     return manifest

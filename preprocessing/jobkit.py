@@ -1,12 +1,20 @@
 """What both Beam jobs (`sae preprocess`, `sae extract`) share around their pipelines:
-runner defaults, logging, the output folder rule, the package version for manifests, and
-running the pipeline with progress (local runners) or the remote job's id.
+runner defaults, logging, the output folder rule, the package version for manifests,
+running the pipeline with progress (local runners) or the remote job's id, and the
+finalizer's outcome.
 
     options = PipelineOptions(jobkit.default_beam_args(beam_args))
     jobkit.refuse_non_empty(out, args.overwrite)
     with jobkit.running(options, "preprocess", "images", args.quiet) as (p, reporter):
-        ...  # build; DoFns call reporter.add(n)
-    # the pipeline has run when the block ends
+        ...  # build; DoFns call reporter.add(n); the finalizer publishes the manifest
+             # or calls jobkit.fail(folder, reason, exit_code)
+    manifest = jobkit.outcome(folder, manifest_uri)  # or the recorded UserError
+
+The one rule for the end of a job: its last step checks the accounting and then
+publishes the manifest, last, or (too many rejected inputs, no row, lost records)
+writes `_FAILED.json` {"reason", "exit_code", ...} beside the job's error report and
+no manifest. A manifest therefore means complete; `outcome` turns `_FAILED.json` into
+the one-line error and exit code the user sees.
 """
 
 from __future__ import annotations
@@ -21,10 +29,9 @@ import time
 from collections.abc import Iterator
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from preprocessing import exiting, progress
+from preprocessing import exiting, progress, storage
 from preprocessing.errors import UserError
 from preprocessing.manifest import MANIFEST_NAME, join
 
@@ -73,7 +80,7 @@ def package_version() -> str:
 
 def existing_files(out: str) -> list[str]:
     """Every file under `out` (local or gs://), manifest first."""
-    paths = [m.path for m in FileSystems.match([join(out, "**")])[0].metadata_list]
+    paths = storage.files_under(out)
     # Manifest first: deleted in this order, a reader never sees a manifest over a
     # half-deleted output.
     return sorted(paths, key=lambda p: not p.endswith("/" + MANIFEST_NAME))
@@ -157,3 +164,27 @@ def _print_every(folder: str, job: str, unit: str, stop: threading.Event) -> Non
     while not stop.wait(progress.PROGRESS_SECONDS):
         done, total = progress.read(folder)
         print(progress.line(job, unit, done, total, time.monotonic() - t0), flush=True)
+
+
+def fail(folder: str, reason: str, exit_code: int, **details) -> list:
+    """A finalizer's failure signal (see the module docstring): FOLDER/_FAILED.json, beside
+    the job's error report. `reason` is the user's one line (what, where, what to do);
+    `details` are counts for whoever inspects the folder. Returns [] (no manifest)."""
+    record = {"reason": reason, "exit_code": exit_code, **details}
+    storage.publish_json(join(folder, FAILED_NAME), record)
+    return []
+
+
+def outcome(folder: str, manifest_uri: str) -> dict:
+    """After the pipeline ran: the manifest it published, or raises the UserError its
+    finalizer recorded in FOLDER/_FAILED.json (`fail`)."""
+    failed = storage.read_json_if_exists(join(folder, FAILED_NAME))
+    if failed is not None:
+        raise UserError(
+            f"{failed['reason']}; no manifest was written", exit_code=int(failed["exit_code"])
+        )
+    return storage.read_json(
+        manifest_uri,
+        missing=f"the job ended without writing {manifest_uri} or {FAILED_NAME}; "
+        "rerun it with --overwrite",
+    )

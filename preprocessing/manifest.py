@@ -17,13 +17,12 @@ dataset directory, so a dataset can be copied or moved (local <-> gs://).
 
 from __future__ import annotations
 
-import json
-import os
-import posixpath
 from dataclasses import dataclass
 
+from preprocessing import storage
 from preprocessing.errors import UserError
 from preprocessing.records import FORMAT_VERSION
+from preprocessing.storage import absolute, join  # noqa: F401 - where jobs import them from
 
 MANIFEST_NAME = "manifest.json"
 # Every job's error report, one JSON object per rejected input (empty when none).
@@ -31,22 +30,16 @@ ERRORS_FILE = "errors/errors-00000-of-00001.jsonl"
 KIND = "sae-pipeline/records"
 
 
-def join(base: str, *parts: str) -> str:
-    """Joins URI parts with '/', for local paths and gs:// alike."""
-    return posixpath.join(base.rstrip("/"), *parts) if base else posixpath.join(*parts)
-
-
-def absolute(uri: str) -> str:
-    """A local path made absolute; URIs (gs://...) unchanged. Paths that reach Beam workers
-    must be absolute: a remote runner's workers (Flink, Spark, a worker pool) do not run in
-    the launcher's working directory."""
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
 @dataclass(frozen=True)
 class Manifest:
+    """A dataset manifest, read with `load`: the typed view every stage reads it through."""
+
     root: str
-    data: dict
+    data: dict  # the JSON as written; read it through the properties below
+
+    @property
+    def path(self) -> str:
+        return join(self.root, MANIFEST_NAME)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -61,8 +54,42 @@ class Manifest:
     def label_names(self) -> list[str]:
         return list(self.data.get("label_names", []))
 
+    @property
+    def num_inputs(self) -> int:
+        return int(self.data["num_inputs"])
+
+    @property
+    def num_errors(self) -> int:
+        return int(self.data["num_errors"])
+
+    @property
+    def error_files(self) -> list[str]:
+        """Absolute URIs of the error reports."""
+        return [join(self.root, f) for f in self.data.get("error_files", [ERRORS_FILE])]
+
+    @property
+    def pixel_mean(self) -> list[float]:
+        return [float(v) for v in self.data.get("pixel_mean", [])]
+
+    @property
+    def pixel_std(self) -> list[float]:
+        return [float(v) for v in self.data.get("pixel_std", [])]
+
+    @property
+    def options(self) -> dict:
+        """The options the dataset was made with (decode and output options)."""
+        return dict(self.data.get("options", {}))
+
+    @property
+    def source(self) -> str:
+        return str(self.data.get("source", ""))
+
     def num_examples(self, split: str) -> int:
         return int(self.data["splits"].get(split, {}).get("num_examples", 0))
+
+    def num_shards(self, split: str) -> int:
+        """How many shards the split was written in (empty ones included)."""
+        return len(self.data["splits"].get(split, {}).get("shards", []))
 
     def shards(self, split: str) -> list[tuple[str, int]]:
         """(absolute URI, example count) of a split's non-empty shards."""
@@ -80,18 +107,15 @@ class Manifest:
         them: present, not empty, and starting like a TFRecord (or a gzip stream). One
         small read per shard; a shard that lies about its count later is caught by the
         reader."""
-        from apache_beam.io.filesystem import CompressionTypes
-        from apache_beam.io.filesystems import FileSystems
-
         from preprocessing import wire
 
         gzip = self.compression == "GZIP"
         for split in splits:
             for path, count in self.shards(split):
                 what = f"shard {path} of dataset {self.root} (manifest: {count} {split} examples)"
-                if not FileSystems.exists(path):
+                if not storage.exists(path):
                     raise UserError(f"{what} is missing; rerun `sae preprocess`")
-                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                with storage.open_read(path) as f:
                     head = f.read(wire.TFRECORD_HEADER_BYTES)
                 if not head:
                     raise UserError(f"{what} is empty (0 bytes); rerun `sae preprocess`")
@@ -102,22 +126,29 @@ class Manifest:
 
 def load(root: str) -> Manifest:
     """Reads and checks ROOT/manifest.json (local path or gs://)."""
-    from apache_beam.io.filesystems import FileSystems
-
     path = join(root, MANIFEST_NAME)
-    if not FileSystems.exists(path):
-        raise UserError(
-            f"no dataset at {root}: {path} is missing (the preprocessing job writes it "
-            f"last; run `sae preprocess --output {root}` or wait for it to finish)"
-        )
-    try:
-        with FileSystems.open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); rerun `sae preprocess`") from None
-    if data.get("kind") != KIND or data.get("format_version") != FORMAT_VERSION:
+    data = storage.read_json(
+        path,
+        missing=f"no dataset at {root}: {path} is missing (the preprocessing job writes it "
+        f"last; run `sae preprocess --output {root}` or wait for it to finish)",
+        fix="rerun `sae preprocess`",
+    )
+    if (
+        not isinstance(data, dict)
+        or data.get("kind") != KIND
+        or data.get("format_version") != FORMAT_VERSION
+    ):
         raise UserError(
             f"{path} is not a sae-pipeline dataset manifest of format {FORMAT_VERSION} "
-            f"(kind={data.get('kind')!r}, format_version={data.get('format_version')!r})"
+            f"(kind={_get(data, 'kind')!r}, format_version={_get(data, 'format_version')!r})"
         )
     return Manifest(root.rstrip("/"), data)
+
+
+def is_dataset(root: str) -> bool:
+    """Whether ROOT holds a complete dataset (its manifest, written last)."""
+    return storage.exists(join(root, MANIFEST_NAME))
+
+
+def _get(data, key: str):
+    return data.get(key) if isinstance(data, dict) else None

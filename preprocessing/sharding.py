@@ -26,41 +26,14 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from preprocessing import flags
-from preprocessing.manifest import join
+from preprocessing import flags, storage
+from preprocessing.storage import join
 
 # Enough data for >= 10 shards (TensorFlow's guidance for parallel reads and FILE
 # auto-sharding) means at least this many elements per shard.
 MIN_ELEMENTS_PER_SHARD = 1000
-
-
-def write_atomically(path: str, chunks: Iterable[bytes], gzip: bool = False) -> None:
-    """Writes to a temporary name, then renames: a reader never sees a partial file."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    ctype = CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED
-    with FileSystems.create(tmp, compression_type=ctype) as f:
-        for chunk in chunks:
-            f.write(chunk)
-    if FileSystems.exists(path):  # a retried bundle wrote it before, with the same content
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
-
-
-def move(sources: list[str], destinations: list[str]) -> None:
-    """Renames files, creating destination folders where the filesystem has them (local)."""
-    import posixpath
-
-    for parent in sorted({posixpath.dirname(d) for d in destinations}):
-        if not FileSystems.exists(parent):
-            # Object stores have no folders; a racing creator is fine too.
-            with contextlib.suppress(OSError):
-                FileSystems.mkdirs(parent)
-    if sources:
-        FileSystems.rename(sources, destinations)
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -144,7 +117,7 @@ class _WriteParts(beam.DoFn):
             entry = self.open.get((group, shard))
             if entry is None:
                 path = join(self.parts_dir, f"{group}-{shard:05d}-{uuid.uuid4().hex}.part")
-                entry = self.open[(group, shard)] = [path, FileSystems.create(path), 0]
+                entry = self.open[(group, shard)] = [path, storage.open_write(path), 0]
             kb = key.encode("utf-8")
             entry[1].write(_PART_HEADER.pack(len(kb), len(payload)) + kb + payload)
             entry[2] += 1
@@ -158,7 +131,7 @@ class _WriteParts(beam.DoFn):
 def _read_part(path: str) -> list[tuple[str, memoryview]]:
     """A part file's (key, payload) pairs; payloads are views into the file's bytes, so a
     shard's merge holds its records once, not twice."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    with storage.open_read(path) as f:
         data = memoryview(f.read())
     out, pos = [], 0
     while pos < len(data):
@@ -262,7 +235,7 @@ class WriteShards(beam.PTransform):
                 if len(items) != sum(count for _, count in parts):
                     raise RuntimeError(f"shard {group}-{index}: part files lost records")
                 info = writer(out, group, index, n[group], sort_records(items))
-            FileSystems.delete([path for path, _ in parts])
+            storage.delete([path for path, _ in parts])
             yield info
 
         written = (
@@ -276,7 +249,7 @@ class WriteShards(beam.PTransform):
             seen = {(s["group"], s["index"]) for s in written}
             # Parts of failed (retried) bundle attempts are never merged: drop them.
             with contextlib.suppress(OSError):
-                FileSystems.delete([parts_dir])
+                storage.delete([parts_dir])
             for group, total in n.items():
                 for index in range(total):
                     if (group, index) not in seen:
@@ -304,12 +277,12 @@ class WriteErrors(beam.PTransform):
 
         def write(element):
             lines = sorted(json.dumps(e, sort_keys=True) for e in element[1])
-            write_atomically(path, (ln.encode() + b"\n" for ln in lines))
+            storage.publish_chunks(path, (ln.encode() + b"\n" for ln in lines))
             yield len(lines)
 
         def empty_if_none(n: int) -> int:
             if n == 0:
-                write_atomically(path, [])
+                storage.publish_chunks(path, [])
             return n
 
         return (

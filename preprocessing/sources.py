@@ -25,11 +25,10 @@ from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
-from preprocessing import builtin
+from preprocessing import builtin, storage
 from preprocessing.errors import UserError
-from preprocessing.manifest import absolute
+from preprocessing.storage import absolute
 
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
 _GLOB_CHARS = set("*?[")
@@ -77,7 +76,7 @@ def parse(src: str, tfds_data_dir: str | None = None, flag: str = "--input") -> 
         return Source("tfds", name, split=split or "train", data_dir=data_dir)
     path = absolute(src)  # workers read it, in their own working directory
     if src.lower().endswith(LIST_SUFFIXES) and not _GLOB_CHARS & set(src):
-        if not FileSystems.exists(path):
+        if not storage.exists(path):
             raise UserError(f"list file {src} does not exist; check the {flag} path")
         return Source("list", path)
     if _GLOB_CHARS & set(path):
@@ -86,7 +85,7 @@ def parse(src: str, tfds_data_dir: str | None = None, flag: str = "--input") -> 
     else:
         root = path.rstrip("/")
         pattern = root + "/**"
-    if not FileSystems.match([pattern], limits=[1])[0].metadata_list:
+    if not storage.glob(pattern, limit=1):
         raise UserError(_nothing_at(src, path, pattern, flag))
     return Source("files", pattern, root=root)
 
@@ -96,7 +95,7 @@ def _nothing_at(src: str, path: str, pattern: str, flag: str) -> str:
     kinds = "a folder, glob, gs:// prefix or list file (.txt/.csv/.lst: uri[,label] per line)"
     if pattern != path:  # a folder or prefix, not a glob
         remote = "://" in path
-        if (FileSystems.exists(path) and remote) or (not remote and os.path.isfile(path)):
+        if (storage.exists(path) and remote) or (not remote and os.path.isfile(path)):
             return (
                 f"{flag} {src} is a single file, not {kinds}; pass the folder it is in, "
                 "or a list file naming it"
@@ -125,7 +124,7 @@ def _file_batches(pattern: str, root: str):
         # calls per file it adds (20x slower on 50,000 small files).
         paths = (os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
     else:
-        paths = (m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        paths = iter(storage.glob(pattern))
     while batch := list(itertools.islice(paths, BATCH["max_batch_size"])):
         yield [_file_item(root, p) for p in batch]
 
@@ -294,19 +293,16 @@ def first_image(source: Source) -> tuple[str, bytes | np.ndarray]:
         ds = builder.as_dataset(split=source.split).take(1)
         return f"tfds:{source.spec}", next(iter(tfds.as_numpy(ds)))[image_name]
     if source.kind == "list":
-        with FileSystems.open(source.spec) as f:
+        with storage.open_read(source.spec) as f:
             text = io.TextIOWrapper(f, encoding="utf-8")
             listed = (it.uri for ln in text for it in _parse_list_line(source.spec, ln))
             uris = list(itertools.islice(listed, 64))
     else:
-        uris = sorted(
-            m.path for m in FileSystems.match([source.spec], limits=[64])[0].metadata_list
-        )
+        uris = sorted(storage.glob(source.spec, limit=64))
     from preprocessing import images
 
     for uri in uris:
-        with FileSystems.open(uri) as f:
-            data = f.read()
+        data = storage.read_bytes(uri)
         try:
             images.decode(data)
         except images.ImageError:

@@ -46,3 +46,26 @@ def test_split_of_is_stable_and_near_the_fraction():
     assert splits == [decode.split_of(k, 0.25) for k in keys]
     assert abs(splits.count("eval") / len(keys) - 0.25) < 0.03
     assert {decode.split_of(k, 0.0) for k in keys} == {"train"}
+
+
+@pytest.mark.parametrize("pixel_stats", [True, False])
+def test_pixel_histograms_only_when_asked(pixel_stats):
+    """`sae extract` decodes raw images without the histograms preprocessing needs."""
+    import apache_beam as beam
+
+    from preprocessing import progress, sources
+
+    rng = np.random.default_rng(0)
+    items = [sources.Item(f"k{i}", f"k{i}", None, rng.integers(0, 255, (4, 4), np.uint8))
+             for i in range(6)]  # fmt: skip
+    options = decode.DecodeOptions((4, 4, 1), eval_fraction=0.0, pixel_stats=pixel_stats)
+    fn = decode.DecodeBatch(options, progress.Reporter(None))
+    out = list(fn.process(items, []))
+    tags = [o.tag for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert tags.count("stats") == int(pixel_stats) and tags.count("accepted") == 1
+    (examples,) = [o for o in out if not isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [ex.key for ex in examples] == [it.key for it in items]
+    if pixel_stats:
+        (hist,) = [o.value for o in out if getattr(o, "tag", None) == "stats"]
+        assert hist.sum() == 6 * 16
+    assert "pixel_stats" not in options.describe()  # how it ran, not what the data is

