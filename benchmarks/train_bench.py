@@ -252,17 +252,46 @@ def _log_rate(r: dict, name: str = "") -> None:
 # ----------------------------------------------------------------------------
 # The TensorFlow contenders (in this process).
 # ----------------------------------------------------------------------------
-def bench_sae_stream(cfg, manifest, steps: int, epochs: int) -> dict:
+def run_loop(cfg, dataset, steps: int, epochs: int, what: str) -> dict:
+    """The trainer's own compiled loop (`trainer.loop.train_function`) alone: calls of up
+    to cfg.steps_per_execution steps, ending at each epoch end as in `sae train`; nothing
+    between calls. An epoch ends when its last call has returned its logs."""
     import keras
+    import tensorflow as tf
 
-    from trainer import data
+    from trainer import loop
     from trainer import model as model_lib
 
     keras.backend.clear_session()
-    model = model_lib.build_model(cfg, cfg.execution_steps(steps))
+    strategy = tf.distribute.get_strategy()
+    model = model_lib.SparseAutoencoder(cfg)
+    model_lib.compile_model(model, model_lib.make_optimizer(cfg))
+    train = loop.train_function(model, strategy)
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    no_requests = tf.zeros(3)
+    seconds, cpu, busy = [], [], []
+    for _ in range(1 + epochs):
+        t, c, b = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), busy_cpu_seconds()
+        done = 0
+        while done < steps:
+            n = min(cfg.steps_per_execution, steps - done)
+            logs, _ = train(iterator, tf.constant(n), no_requests)
+            done += n
+        float(logs["loss"])
+        seconds.append(time.perf_counter() - t)
+        cpu.append(cpu_seconds(resource.RUSAGE_SELF) - c)
+        busy.append(busy_cpu_seconds() - b)
+    r = summarize(seconds, steps, sum(cpu[1:]), sum(busy[1:]), what)
+    _log_rate(r)
+    return r
+
+
+def bench_sae_stream(cfg, manifest, steps: int, epochs: int) -> dict:
+    from trainer import data
+
     stream = data.train_stream(manifest, cfg.global_batch_size, cfg.seed)
-    what = "trainer.data.train_stream (TFRecord shards on disk) -> build_model(cfg).fit"
-    return run_fit(model, stream, steps, epochs, what, steps_per_epoch=steps, shuffle=False)
+    what = "trainer.data.train_stream (TFRecord shards on disk) -> trainer.loop's train function"
+    return run_loop(cfg, stream, steps, epochs, what)
 
 
 def bench_input_only(cfg, manifest, steps: int, epochs: int) -> dict:
@@ -285,18 +314,13 @@ def bench_input_only(cfg, manifest, steps: int, epochs: int) -> dict:
 
 
 def bench_in_memory(cfg, images: np.ndarray, steps: int, epochs: int) -> dict:
-    import keras
     import tensorflow as tf
 
-    from trainer import model as model_lib
-
-    keras.backend.clear_session()
-    model = model_lib.build_model(cfg, cfg.execution_steps(steps))
     k = len(images) // BATCH
     batches = images[: k * BATCH].reshape(k, BATCH, *images.shape[1:])
     ds = tf.data.Dataset.from_tensor_slices(batches).repeat().prefetch(tf.data.AUTOTUNE)
-    what = "same model, uint8 batches from memory: from_tensor_slices(batches).repeat().prefetch"
-    return run_fit(model, ds, steps, epochs, what, steps_per_epoch=steps, shuffle=False)
+    what = "same loop, uint8 batches from memory: from_tensor_slices(batches).repeat().prefetch"
+    return run_loop(cfg, ds, steps, epochs, what)
 
 
 def bench_keras_example1(images: np.ndarray, n: int, s: int, steps: int, epochs: int) -> dict:

@@ -54,7 +54,7 @@ def _first_local(strategy: tf.distribute.Strategy, values: dict) -> dict:
     return {k: strategy.experimental_local_results(v)[0] for k, v in values.items()}
 
 
-def make_train_function(model, strategy: tf.distribute.Strategy):
+def train_function(model, strategy: tf.distribute.Strategy):
     """`train(iterator, num_steps, requests) -> (logs, agreed)`: runs num_steps >= 1 steps of
     `model.train_step` on the distributed iterator. requests: float32 [3], this worker's
     (STOP, CHECKPOINT, EVALUATE) flags; agreed: bool [3], whether any worker raised each.
@@ -64,7 +64,8 @@ def make_train_function(model, strategy: tf.distribute.Strategy):
         return _first_local(strategy, strategy.run(model.train_step, args=(next(iterator),)))
 
     def agree(requests):
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, requests)
+        # identity: a copy on this replica's device (MirroredStrategy reduces nothing else).
+        return losses.all_reduce_sum(tf.identity(requests))
 
     @tf.function
     def train(iterator, num_steps, requests):
@@ -77,7 +78,7 @@ def make_train_function(model, strategy: tf.distribute.Strategy):
     return train
 
 
-def make_eval_function(model, strategy: tf.distribute.Strategy):
+def eval_function(model, strategy: tf.distribute.Strategy):
     """`evaluate(distributed dataset) -> dict of NumPy values`: resets the model's metrics,
     runs `model.test_step` over every batch, and returns the split's logs plus `rho_hat` [s]
     and `examples` (read in replica context: each replica holds the global sums)."""
@@ -114,11 +115,11 @@ def evaluate_metrics(model, dataset, evaluate=None) -> dict:
     of a mean is not the mean of batch KLs (it is convex in rho_hat): the mean over
     batches, each with its own rho_hat, is kept as `*_batch_mean`. The other terms are
     linear in the examples, so their example-weighted batch means are the split's values.
-    `evaluate`: a `make_eval_function` to reuse (one is made for the model's strategy).
+    `evaluate`: a `eval_function` to reuse (one is made for the model's strategy).
     """
     cfg = model.config
     strategy = model.distribute_strategy
-    evaluate = evaluate or make_eval_function(model, strategy)
+    evaluate = evaluate or eval_function(model, strategy)
     logs = evaluate(strategy.experimental_distribute_dataset(dataset))
     rho_hat = logs.pop("rho_hat")
     out = {k: float(v) for k, v in logs.items()}
@@ -216,14 +217,14 @@ def run(
     """Trains from `start_step` to cfg.epochs * steps_per_epoch (see the module docstring).
 
     stream: the batches from start_step on (infinite); eval_dataset: the batches of one
-    evaluation; evaluate: a `make_eval_function` to reuse (else one is made); step_counter: the checkpointed step variable (assigned before each save);
+    evaluation; evaluate: a `eval_function` to reuse (else one is made); step_counter: the checkpointed step variable (assigned before each save);
     tb_dir: the TensorBoard folder, None on non-chief workers; verbose: 0 silent, 1 a line
     every log_every_steps and per epoch, 2 a line per epoch. Raises what the steps raise
     (NaN loss: InvalidArgumentError from the check in `train_step`).
     """
     total = cfg.epochs * steps_per_epoch
-    train = make_train_function(model, strategy)
-    evaluate = evaluate or make_eval_function(model, strategy)
+    train = train_function(model, strategy)
+    evaluate = evaluate or eval_function(model, strategy)
     iterator = iter(strategy.experimental_distribute_dataset(stream))
     dist_eval = strategy.experimental_distribute_dataset(eval_dataset)
     summaries = _Summaries(tb_dir)

@@ -266,7 +266,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
     stream = data.train_stream(
         manifest, cfg.global_batch_size, cfg.seed, start_step=step, patch_size=cfg.patch_size
     )
-    evaluate = loop.make_eval_function(model, strategy)
+    evaluate = loop.eval_function(model, strategy)
     start = time.time()
     try:
         result = loop.run(
