@@ -115,7 +115,7 @@ def evaluate_metrics(model, dataset, evaluate=None) -> dict:
     of a mean is not the mean of batch KLs (it is convex in rho_hat): the mean over
     batches, each with its own rho_hat, is kept as `*_batch_mean`. The other terms are
     linear in the examples, so their example-weighted batch means are the split's values.
-    `evaluate`: a `eval_function` to reuse (one is made for the model's strategy).
+    `evaluate`: an `eval_function` to reuse (one is made for the model's strategy).
     """
     cfg = model.config
     strategy = model.distribute_strategy
@@ -217,7 +217,8 @@ def run(
     """Trains from `start_step` to cfg.epochs * steps_per_epoch (see the module docstring).
 
     stream: the batches from start_step on (infinite); eval_dataset: the batches of one
-    evaluation; evaluate: a `eval_function` to reuse (else one is made); step_counter: the checkpointed step variable (assigned before each save);
+    evaluation; evaluate: an `eval_function` to reuse (else one is made); step_counter: the
+    checkpointed step variable (assigned before each save);
     tb_dir: the TensorBoard folder, None on non-chief workers; verbose: 0 silent, 1 a line
     every log_every_steps and per epoch, 2 a line per epoch. Raises what the steps raise
     (NaN loss: InvalidArgumentError from the check in `train_step`).

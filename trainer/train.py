@@ -243,7 +243,6 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
     # Checkpoints written before the step counter existed: the optimizer's count was it.
     step = int(step_counter.numpy()) or int(optimizer.iterations.numpy())
     per_epoch = data.steps_per_epoch(manifest, cfg.global_batch_size, cfg.steps_per_epoch)
-    total = cfg.epochs * per_epoch
     print(
         f"train: {manifest.num_examples('train')} train / {manifest.num_examples('eval')} eval "
         f"examples, {strategy.num_replicas_in_sync} replica(s) "
