@@ -335,7 +335,14 @@ def test_cli_end_to_end_writes_every_artifact_and_learns(data_dir, trained):
     assert events[-1][1][:, 2].sum() == pytest.approx(cfg.hidden)  # one count per unit
     plugin, events = units["filters"]
     assert plugin == "images" and [s for s, _ in events] == epoch_ends
-    np.testing.assert_array_equal(_png(events[-1][1][2]), filters)
+    from trainer import loop
+
+    # The same grid, enlarged to about loop.FILTER_IMAGE_SIDE pixels instead of 4x.
+    tb_image = _png(events[-1][1][2])
+    want = loop.filter_image(model.w1.numpy(), cfg.input_shape)[..., 0]
+    np.testing.assert_array_equal(tb_image, want)
+    scale = loop.FILTER_IMAGE_SIDE // max(_grid_shape(cfg.hidden, h, w, scale=1))
+    assert scale > 1 and tb_image.shape == _grid_shape(cfg.hidden, h, w, scale=scale)
 
 
 # ----------------------------------------------------------------------------
