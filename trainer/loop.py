@@ -266,6 +266,10 @@ def run(
     with _sigterm_flag() as stop:
         try:
             while step < total:
+                if verbose and step % steps_per_epoch == 0:
+                    # Keras's form: tools match it (`sae k8s simulate --kill '1@/Epoch 3\//'`
+                    # stops a worker once the epoch-2 checkpoint is saved).
+                    print(f"Epoch {step // steps_per_epoch + 1}/{cfg.epochs}", flush=True)
                 # The call ends at the next epoch end or checkpoint step, whichever is first.
                 ends = [total, (step // steps_per_epoch + 1) * steps_per_epoch]
                 ends.append(step + cfg.steps_per_execution)
