@@ -3,10 +3,10 @@
     curves = read_scalars("WORKDIR/train/tensorboard")
     curves["validation"]["epoch_loss"]   # [(step, value)], sorted by step
 
-What `sae train` logs (trainer/train.py): Keras's TensorBoard callback writes `train/` and
-`validation/` with `epoch_<term>` per epoch (x = epoch index, and for `train/` also
-`epoch_learning_rate`); our StepSummaries writes `units/` with `batch_<term>` at the optimizer
-step about every checkpoint_every_steps / 10 steps. `cost_curves` puts them on one x axis, the
+What `sae train` logs (trainer/loop.py): `train/` and `validation/` with `epoch_<term>` per
+epoch (x = epoch index, the layout of Keras's TensorBoard callback, and for `train/` also
+`epoch_learning_rate`); `units/` with `batch_<term>` at the step about every
+log_every_steps steps. `cost_curves` puts them on one x axis, the
 optimizer step: epoch e ends at step (e + 1) * steps_per_epoch.
 """
 

@@ -58,6 +58,7 @@ Decoder = Literal["sigmoid", "linear"]
 BatchNorm = Literal["none", "before", "after"]
 Normalization = Literal["unit", "ufldl_patches"]
 Optimizer = Literal["adam", "sgd"]
+Precision = Literal["float32", "mixed_float16", "mixed_bfloat16"]
 
 
 # A unit is dead when its mean activation over a split is below DEAD_FACTOR * rho.
@@ -133,18 +134,36 @@ class TrainConfig:
     epochs: int = 10
     # Steps per epoch; 0 = one full pass over the train split.
     steps_per_epoch: int = 0
-    # Save a checkpoint every this many steps (0 = only at the end of each epoch); with
-    # several steps per call, at the first call boundary at or after each multiple.
+    # Save a checkpoint every this many steps, exactly (0 = only at the end of each epoch),
+    # and at the end of every epoch.
     checkpoint_every_steps: int = 100
+    # Also save when this many seconds have passed since the last save (0 = off): checked
+    # between function calls; the workers of a multi-worker run agree on it (any worker's
+    # clock can call for it). With it, epoch ends save only if checkpoint_every_steps or the
+    # clock asks.
+    checkpoint_every_seconds: float = 0.0
     # Eval batches per evaluation; 0 = the whole eval split.
     eval_batches: int = 0
-    # Up to this many steps run inside one TensorFlow function call (Keras's
-    # steps_per_execution): for small models the per-call Python overhead costs more than the
-    # step itself. The trainer takes the largest value <= this that divides the steps per
-    # epoch (see `execution_steps`); checkpoints, progress and the SIGTERM check happen
-    # between calls, i.e. up to that many steps late. 1 = one call per step. The math does
-    # not depend on it.
+    # The evaluation after an epoch (validation scalars, the eval rho_hat histogram, the filter
+    # image in TensorBoard) runs at every epoch end (0), or only at epoch ends at least this
+    # many seconds after the previous one (agreed across workers); the last epoch always
+    # evaluates. steps_per_epoch is the cadence by steps.
+    eval_every_seconds: float = 0.0
+    # Per-step scalars (TensorBoard units/batch_*, and the progress line of --verbose 1) at the
+    # first call boundary at or after every multiple of this many steps (0 = none).
+    log_every_steps: int = 100
+    # Up to this many steps run inside one TensorFlow function call: for small models the
+    # per-call Python overhead costs more than the step itself. A call also ends at every
+    # epoch end and checkpoint step, so nothing waits for a call to finish but the SIGTERM
+    # check, the seconds cadences and the log lines (up to that many steps late).
+    # 1 = one call per step. The math does not depend on it. (`execution_steps` picks a
+    # divisor of the epoch for Keras's own `fit`, which needs one.)
     steps_per_execution: int = 32
+    # Numeric precision of training: "float32", or a Keras mixed-precision policy for GPUs,
+    # "mixed_bfloat16" (Ampere and later, TPUs; also runs on CPU) or "mixed_float16" (with
+    # dynamic loss scaling): matmuls and sigmoids in 16 bits, while the variables, the
+    # normalized inputs, rho_hat, the KL term and the loss stay float32. The export is float32.
+    precision: Precision = "float32"
     # Seeds the weight initialization and the input shuffling.
     seed: int = 0
     # rho_hat is clipped to [eps, 1 - eps] before the logs of the KL term.
@@ -170,6 +189,9 @@ class TrainConfig:
             (c.epochs >= 1, "epochs", "an integer >= 1"),
             (c.steps_per_epoch >= 0, "steps_per_epoch", "an integer >= 0 (0 = full pass)"),
             (c.checkpoint_every_steps >= 0, "checkpoint_every_steps", "an integer >= 0"),
+            (c.checkpoint_every_seconds >= 0, "checkpoint_every_seconds", "seconds >= 0 (0 = off)"),
+            (c.eval_every_seconds >= 0, "eval_every_seconds", "seconds >= 0 (0 = every epoch)"),
+            (c.log_every_steps >= 0, "log_every_steps", "an integer >= 0 (0 = none)"),
             (c.eval_batches >= 0, "eval_batches", "an integer >= 0 (0 = whole split)"),
             (c.steps_per_execution >= 1, "steps_per_execution", "an integer >= 1"),
             (0.0 < c.eps < 0.5, "eps", "a float in (0, 0.5)"),

@@ -2,14 +2,21 @@
 
 The model takes uint8 images [b, H, W, C] (or a dict with an "image" entry) and
 normalizes them itself, so an exported model takes what the records hold.
-`model.fit(dataset)` works under the default strategy, MirroredStrategy and
-MultiWorkerMirroredStrategy (build the model inside `strategy.scope()`); the
-loss and gradients do not depend on the replica count (see trainer/losses.py).
+`sae train` runs `train_step` / `test_step` in its own loop (trainer/loop.py) under any
+tf.distribute strategy (build the model inside `strategy.scope()`); the loss and gradients
+do not depend on the replica count (see trainer/losses.py). The steps are plain Keras ones:
+`compile` + `fit` / `evaluate` work too under the default strategy.
 
-Logged by fit and evaluate (means over the epoch or split, weighted by batch size):
+Precision (config.precision): "float32", or a Keras mixed policy ("mixed_float16",
+"mixed_bfloat16") under which the matmuls and sigmoids run in 16 bits while the variables,
+the normalized inputs, rho_hat, the KL term and the loss stay float32; float16 adds loss
+scaling (`make_optimizer`). `normalize`, `encode` and `reconstruct` return float32 (or the
+variable dtype) whatever the policy.
+
+Logged by the train and test steps (means over the epoch or split, weighted by batch size):
   loss, reconstruction, weight_decay, sparsity, [l1_activity]   the cost and its terms
   mean_rho_hat                 mean over units of rho_hat_j
-evaluate also reports, over the whole split (from the test step's metric state):
+the test step also reports, over the whole split (from its metric state):
   dead_fraction                units with rho_hat_j < rho / 10
   saturated_fraction           units with rho_hat_j > 0.9 (on for almost every input)
   l0                           mean number of units per example with a_j > 0.5
@@ -59,6 +66,8 @@ class SparseAutoencoder(keras.Model):
     """
 
     def __init__(self, config: TrainConfig, **kwargs):
+        # An explicit dtype (tests pass "float64") wins over the config's precision.
+        kwargs.setdefault("dtype", config.precision)
         super().__init__(name=kwargs.pop("name", "sparse_autoencoder"), **kwargs)
         self.config = config
         h, w, c = config.input_shape
@@ -109,9 +118,9 @@ class SparseAutoencoder(keras.Model):
     # -- forward --------------------------------------------------------------------------
 
     def normalize(self, images, training: bool = False) -> tf.Tensor:
-        """uint8 [b, H, W, C] -> model inputs x [b, H, W, C] (compute dtype), per config."""
+        """uint8 [b, H, W, C] -> model inputs x [b, H, W, C] (variable dtype), per config."""
         images = images_of(images)
-        dtype = self.compute_dtype
+        dtype = self.dtype_policy.variable_dtype
         if self.config.normalization == "unit":
             x = losses.unit_normalize(images, dtype)
             if self.config.zca_epsilon > 0:
@@ -150,17 +159,20 @@ class SparseAutoencoder(keras.Model):
         self.zca_matrix.assign(zca.astype(self.zca_matrix.dtype))
 
     def _forward(self, images, training: bool):
-        """Returns x [m, n], a [m, s] (sigmoid outputs), x_hat [m, n]."""
+        """Returns x [m, n], a [m, s] (sigmoid outputs), x_hat [m, n], all in the variable
+        dtype; in between, the compute dtype (16 bits under a mixed policy)."""
         x = tf.reshape(self.normalize(images, training), [-1, self.num_inputs])
-        z = tf.matmul(x, self.w1) + self.b1
+        c = self.compute_dtype
+        w1 = tf.cast(self.w1, c)
+        z = tf.matmul(tf.cast(x, c), w1) + tf.cast(self.b1, c)
         if self.config.batch_norm == "before":
             z = self.batch_norm(z, training=training)
         a = tf.sigmoid(z)
         d = self.batch_norm(a, training=training) if self.config.batch_norm == "after" else a
-        w2 = tf.transpose(self.w1) if self.w2 is None else self.w2
-        out = tf.matmul(d, w2) + self.b2
+        w2 = tf.transpose(w1) if self.w2 is None else tf.cast(self.w2, c)
+        out = tf.matmul(d, w2) + tf.cast(self.b2, c)
         x_hat = tf.sigmoid(out) if self.config.decoder == "sigmoid" else out
-        return x, a, x_hat
+        return x, tf.cast(a, x.dtype), tf.cast(x_hat, x.dtype)
 
     def call(self, images, training: bool = False) -> tf.Tensor:
         """uint8 images -> reconstructions [b, H, W, C] in the normalized input space."""
@@ -226,9 +238,11 @@ class SparseAutoencoder(keras.Model):
         images = images_of(data)
         with tf.GradientTape() as tape:
             replica_loss, terms, rho_hat, _, count = self.cost(images, training=True)
+            # The identity, except under float16's LossScaleOptimizer (which unscales).
+            scaled_loss = self.optimizer.scale_loss(replica_loss)
         tf.debugging.check_numerics(terms.total, "sparse autoencoder loss")
         # Keras's optimizer all-reduces (SUMs) these over replicas before applying them.
-        grads = tape.gradient(replica_loss, self.trainable_variables)
+        grads = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
         return self._update_trackers(terms, rho_hat, count)
 
@@ -237,72 +251,14 @@ class SparseAutoencoder(keras.Model):
         _, terms, rho_hat, (x, a, x_hat), count = self.cost(images, training=False)
         logs = self._update_trackers(terms, rho_hat, count)
         self.unit_stats.update_state(x, a, x_hat)
-        return _for_keras_reduce({**logs, **self.unit_stats.result()})
-
-    def make_train_function(self, force: bool = False):
-        """`steps_per_execution` training steps per call, as a tf.range loop of
-        `strategy.run(train_step)` (the TF Orbit / tf.keras 2 pattern).
-
-        Replaces Keras 3's loop, whose tf.cond around each step fails under
-        MirroredStrategy ("You must feed a value for placeholder tensor", keras-team/keras
-        #19246). Every call runs all its steps, so `fit` takes whole calls only (see `fit`).
-        """
-        if self.train_function is not None and not force:
-            return self.train_function
-        strategy, steps = self.distribute_strategy, self.steps_per_execution
-
-        def one_step(iterator):
-            logs = strategy.run(self.train_step, args=(next(iterator),))
-            # Every replica computed the same global values: keep the first local one.
-            return {k: strategy.experimental_local_results(v)[0] for k, v in logs.items()}
-
-        @tf.function(reduce_retracing=True)
-        def train_function(iterator):
-            logs = one_step(iterator)
-            for _ in tf.range(steps - 1):
-                logs = one_step(iterator)
-            return logs
-
-        self.train_function = train_function
-        return train_function
-
-    def fit(self, *args, steps_per_epoch: int | None = None, **kwargs):
-        """Keras's fit; with several steps per call, `steps_per_epoch` must be a multiple of
-        steps_per_execution on data that does not run out (e.g. `trainer.data.train_stream`):
-        a call cut short by the end of the data would stop partway through a step."""
-        k = self.steps_per_execution
-        if k > 1 and (not steps_per_epoch or steps_per_epoch % k):
-            raise ValueError(
-                f"steps_per_epoch={steps_per_epoch} is not a multiple of steps_per_execution={k}; "
-                "pick it with TrainConfig.execution_steps and repeat the dataset"
-            )
-        return super().fit(*args, steps_per_epoch=steps_per_epoch, **kwargs)
-
-    def evaluate(self, *args, **kwargs):
-        """Keras's evaluate, one step per call: an eval split rarely fills whole calls, and
-        Keras's partial last call is the pattern that fails under MirroredStrategy (see
-        `make_train_function`). Evaluation is not the hot loop."""
-        steps, self.steps_per_execution = self.steps_per_execution, 1
-        # fit's validation reuses an iterator it made with steps_per_execution; make a new one.
-        kwargs.pop("_use_cached_eval_dataset", None)
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:
-            self.steps_per_execution = steps
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras (3.15) peeks at the first batch in fit/evaluate and MEAN-reduces it across
-        # replicas to build unbuilt models; under MultiWorkerMirroredStrategy that reduce fails
-        # on uint8 images (collectives take no uint8). Ours is built at construction, so
-        # skip the peek and let Keras build only the optimizer.
-        super()._maybe_symbolic_build(iterator=None, data_batch=None)
+        return {**logs, **self.unit_stats.result()}
 
     @property
     def metrics(self):
         return [*self.trackers.values(), self.unit_stats]
 
     def unit_rho_hat(self) -> tf.Tensor:
-        """rho_hat_j [s] over everything the last `evaluate` saw (for a histogram)."""
+        """rho_hat_j [s] over everything the test step saw since the metrics' last reset."""
         return self.unit_stats.unit_rho_hat()
 
     def get_config(self):
@@ -311,23 +267,6 @@ class SparseAutoencoder(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(TrainConfig.from_dict(config["config"]), name=config.get("name"))
-
-
-def _for_keras_reduce(logs: dict) -> dict:
-    """Test-step outputs shaped for Keras's cross-replica reduction.
-
-    Keras 3 (through 3.15) reduces them under multi-worker MultiWorkerMirroredStrategy with
-    `strategy.reduce(MEAN, v, axis=0)`, which fails on scalars ("Invalid reduction dimension
-    0", tensorflow/tensorflow#72388). Our logged values are identical on every replica, so a
-    length-1 axis to average over gives the exact scalar back.
-    """
-    strategy = tf.distribute.get_strategy()
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return logs
-    spec = strategy.cluster_resolver.cluster_spec()
-    if sum(spec.num_tasks(job) for job in spec.jobs if job in ("chief", "worker")) <= 1:
-        return logs
-    return {k: tf.reshape(v, [1]) for k, v in logs.items()}
 
 
 class UnitStatistics(keras.metrics.Metric):
@@ -391,60 +330,30 @@ def _fraction(mask: tf.Tensor) -> tf.Tensor:
 
 
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
-    """The optimizer named by the config (create it inside the strategy's scope)."""
+    """The optimizer named by the config (create it inside the strategy's scope); under
+    mixed_float16 wrapped in Keras's LossScaleOptimizer (dynamic loss scaling), which skips
+    the update of a step whose scaled gradients overflow."""
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(config.learning_rate)
-    return keras.optimizers.Adam(config.learning_rate)
+        optimizer = keras.optimizers.SGD(config.learning_rate)
+    else:
+        optimizer = keras.optimizers.Adam(config.learning_rate)
+    if config.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def build_model(config: TrainConfig, steps_per_execution: int = 1) -> SparseAutoencoder:
-    """A compiled SparseAutoencoder; call inside `strategy.scope()` to distribute it.
-
-    `steps_per_execution`: training steps per TensorFlow function call (fit's
-    steps_per_epoch must be a multiple of it; `TrainConfig.execution_steps` picks one).
-    """
+    """A compiled SparseAutoencoder (for Keras's own `fit` / `evaluate`, e.g. under the
+    default strategy); call inside `strategy.scope()` to distribute it. `sae train` runs
+    its own loop instead (trainer/loop.py), with a model compiled by `compile_model`."""
     model = SparseAutoencoder(config)
     compile_model(model, make_optimizer(config), steps_per_execution)
     return model
 
 
-def compile_model(model: SparseAutoencoder, optimizer, steps_per_execution: int) -> None:
-    """Compiles `model` with `optimizer`; call inside the strategy's scope."""
+def compile_model(model: SparseAutoencoder, optimizer, steps_per_execution: int = 1) -> None:
+    """Compiles `model` with `optimizer` (this only attaches them); inside the strategy's scope."""
     # No XLA: Keras's "auto" turns it on whenever a GPU is present, and XLA cannot compile a
     # step whose batch dict carries string keys; measured on 2 CPU cores, XLA also made the
     # 64 -> 25 step slower once several steps run per call.
     model.compile(optimizer=optimizer, jit_compile=False, steps_per_execution=steps_per_execution)
-
-
-def evaluate_metrics(model: SparseAutoencoder, dataset) -> dict:
-    """Final eval values over all of the (finite) `dataset`, as plain floats.
-
-    Keys: loss, reconstruction, weight_decay, sparsity, [l1_activity], mean_rho_hat,
-    dead_fraction, saturated_fraction, l0, fraction_variance_explained, eval_examples,
-    loss_batch_mean, sparsity_batch_mean. The per-unit rho_hat is then
-    `model.unit_rho_hat()`.
-
-    `sparsity` and `loss` are UFLDL's J over the whole split: the KL term of the split's
-    rho_hat (its mean activations), so they do not depend on the eval batch size. The KL
-    of a mean is not the mean of batch KLs (it is convex in rho_hat): the mean over
-    batches, each with its own rho_hat, is kept as `*_batch_mean`. The other terms are
-    linear in the examples, so their example-weighted batch means are the split's values.
-    """
-    cfg = model.config
-    logs = model.evaluate(dataset, return_dict=True, verbose=0)
-    out = {k: float(v) for k, v in logs.items()}
-    out["eval_examples"] = int(model.unit_stats.count.numpy()) // _replicas_in(model)
-    rho_hat = tf.cast(model.unit_rho_hat(), tf.float64)
-    kl = tf.reduce_sum(losses.kl_divergence(cfg.rho, rho_hat, cfg.eps))
-    out["loss_batch_mean"] = out["loss"]
-    out["sparsity_batch_mean"] = out["sparsity"]
-    out["sparsity"] = cfg.beta * float(kl)
-    linear = ("reconstruction", "weight_decay", "l1_activity")
-    out["loss"] = sum(out.get(k, 0.0) for k in linear) + out["sparsity"]
-    return out
-
-
-def _replicas_in(model: keras.Model) -> int:
-    # On-read SUM variables read in cross-replica context add up the replicas' copies, which
-    # all hold the global sums; ratios are unaffected, counts need this division.
-    return model.distribute_strategy.num_replicas_in_sync

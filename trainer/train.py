@@ -5,9 +5,10 @@
     TF_CONFIG='{"cluster": ..., "task": ...}' sae train ...   # MultiWorkerMirroredStrategy
 
 One code path: the strategy comes from `trainer.distribute`, the model and loss do
-not know how many replicas there are. Rerunning the same command with the same
---workdir resumes from the last checkpoint at step granularity (see trainer/data.py
-for the data-order guarantee).
+not know how many replicas there are; the loop is ours (trainer/loop.py), on public
+TensorFlow and Keras API only. Rerunning the same command with the same --workdir resumes
+from the last checkpoint at step granularity (see trainer/data.py for the data-order
+guarantee).
 
 WORKDIR/ config.json, checkpoints/, tensorboard/, export/ (SavedModel),
          metrics.json, filters.png, reconstructions.png
@@ -20,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import posixpath
-import signal
 import time
 from collections.abc import Sequence
 
@@ -80,81 +81,10 @@ def make_parser() -> ArgumentParser:
         type=int,
         default=2,
         choices=(0, 1, 2),
-        help="Keras progress: 0 silent, 1 progress bar, 2 one line per epoch (default)",
+        help="progress: 0 silent, 1 a line every log_every_steps and per epoch, "
+        "2 one line per epoch (default)",
     )
     return p
-
-
-class _Stop:
-    """SIGTERM sets the flag; the checkpoint callback saves and stops at the next step."""
-
-    requested = False
-
-    @classmethod
-    def handler(cls, signum, frame):  # noqa: ARG003
-        cls.requested = True
-
-
-def _callbacks(model, manager, every: int, tb_dir: str | None):
-    import keras
-    import tensorflow as tf
-
-    from trainer import visualize
-
-    class Checkpoints(keras.callbacks.Callback):
-        """Saves every `every` steps, at each epoch end, and on SIGTERM.
-
-        Keras calls on_train_batch_end once per function call (steps_per_execution steps):
-        a save happens at the first call boundary at or after each multiple of `every`."""
-
-        def _save(self):
-            manager.save(checkpoint_number=int(model.optimizer.iterations.numpy()))
-
-        def on_train_batch_end(self, batch, logs=None):
-            step = int(model.optimizer.iterations.numpy())
-            if _Stop.requested:
-                self._save()
-                model.stop_training = True
-            elif every and step % every < model.steps_per_execution:
-                self._save()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self._save()
-
-    callbacks = [Checkpoints()]
-    if tb_dir:
-        writer = tf.summary.create_file_writer(join(tb_dir, "units"))
-        every_n = max(1, every // 10) if every else 0
-
-        class StepSummaries(keras.callbacks.Callback):
-            """Batch scalars about every `every_n` steps (at the first function-call boundary
-            in each interval of every_n steps); after each epoch's validation, the eval
-            rho_hat histogram and the filter grid. All at the optimizer step, so a resumed run
-            continues its curves (Keras's batch counter restarts at 0 in every `fit`)."""
-
-            last_written = -1
-
-            def on_train_batch_end(self, batch, logs=None):
-                step = int(model.optimizer.iterations.numpy())
-                if every_n and step // every_n > self.last_written // every_n and logs:
-                    self.last_written = step
-                    with writer.as_default(step=step):
-                        for name, value in logs.items():
-                            tf.summary.scalar(f"batch_{name}", value)
-
-            def on_epoch_end(self, epoch, logs=None):
-                step = int(model.optimizer.iterations.numpy())
-                grid = visualize.filter_grid(model.w1.numpy(), model.config.input_shape)
-                with writer.as_default(step=step):
-                    tf.summary.histogram("eval_rho_hat", model.unit_rho_hat())
-                    tf.summary.image("filters", grid[None])
-                writer.flush()
-
-        # update_freq="epoch": with an integer, Keras (3.15) leaves `record_if(its batch counter
-        # % update_freq == 0)` active for every writer, which silently dropped most epoch
-        # summaries (its own and ours) whenever an epoch did not end on such a batch.
-        callbacks += [keras.callbacks.TensorBoard(tb_dir, update_freq="epoch"), StepSummaries()]
-    return callbacks
 
 
 def _warm_start(model, init_from: str) -> None:
@@ -179,6 +109,19 @@ def _warm_start(model, init_from: str) -> None:
             "(or checkpoints folder) of a model with the same shape"
         ) from None
     print(f"train: warm start from {path}", flush=True)
+
+
+def _float32(model):
+    """The model itself, or under a mixed policy a float32 twin with its weights: exports
+    serve float32 whatever the training precision."""
+    from trainer.model import SparseAutoencoder
+
+    if model.config.precision == "float32":
+        return model
+    twin = SparseAutoencoder(dataclasses.replace(model.config, precision="float32"))
+    for dst, src in zip(twin.weights, model.weights, strict=True):
+        dst.assign(src)
+    return twin
 
 
 ZCA_SAMPLES = 100_000  # inputs the whitening is estimated from (UFLDL's exercise: 100,000)
@@ -264,7 +207,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
 
     import tensorflow as tf
 
-    from trainer import data, export, visualize
+    from trainer import data, export, loop, visualize
     from trainer import model as model_lib
 
     data.check_shape(manifest, cfg.input_shape, cfg.patch_size)
@@ -281,12 +224,14 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
         _write(tmp, json.dumps(cfg.to_dict(), indent=2))
         tf.io.gfile.rename(tmp, join(workdir, "config.json"), overwrite=True)
 
-    # Compiled once the restored step is known (it picks the steps per call, below).
     with strategy.scope():
         model = model_lib.SparseAutoencoder(cfg)
         optimizer = model_lib.make_optimizer(cfg)
         optimizer.build(model.trainable_variables)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        model_lib.compile_model(model, optimizer)
+    # The loop's own step (an optimizer may skip a step; the data stream does not).
+    step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_counter)
     manager = tf.train.CheckpointManager(ckpt, join(out_dir, "checkpoints"), max_to_keep=3)
     latest = tf.train.latest_checkpoint(join(workdir, "checkpoints"))
     if latest:
@@ -295,16 +240,15 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
         _warm_start(model, args.init_from)
     elif cfg.zca_epsilon:
         _fit_zca(model, manifest)
-    step = int(optimizer.iterations.numpy())
+    # Checkpoints written before the step counter existed: the optimizer's count was it.
+    step = int(step_counter.numpy()) or int(optimizer.iterations.numpy())
     per_epoch = data.steps_per_epoch(manifest, cfg.global_batch_size, cfg.steps_per_epoch)
-    total = cfg.epochs * per_epoch
-    with strategy.scope():
-        model_lib.compile_model(model, optimizer, cfg.execution_steps(per_epoch, step))
     print(
         f"train: {manifest.num_examples('train')} train / {manifest.num_examples('eval')} eval "
         f"examples, {strategy.num_replicas_in_sync} replica(s) "
         f"({type(strategy).__name__}), global batch {cfg.global_batch_size}, "
-        f"{cfg.epochs} epochs x {per_epoch} steps, {model.steps_per_execution} per call"
+        f"{cfg.epochs} epochs x {per_epoch} steps, up to {cfg.steps_per_execution} per call"
+        + (f", {cfg.precision}" if cfg.precision != "float32" else "")
         + (f"; resuming at step {step} from {latest}" if latest else ""),
         flush=True,
     )
@@ -313,39 +257,37 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
         manifest, cfg.global_batch_size, patch_size=cfg.patch_size, seed=cfg.seed
     )
     if cfg.eval_batches:
-        # On the dataset, not validation_steps: Keras would round that up to a whole call.
         eval_ds = eval_ds.take(cfg.eval_batches)
-    callbacks = _callbacks(model, manager, cfg.checkpoint_every_steps, join(out_dir, "tensorboard"))
-    previous = signal.signal(signal.SIGTERM, _Stop.handler)
+    h, w, c = manifest.image_shape
+    if manifest.num_examples("eval") * h * w * c <= data.IN_MEMORY_BYTES:
+        # Read and parsed once: every later evaluation (eval windows included) is the same.
+        eval_ds = eval_ds.cache()
+    stream = data.train_stream(
+        manifest, cfg.global_batch_size, cfg.seed, start_step=step, patch_size=cfg.patch_size
+    )
+    evaluate = loop.eval_function(model, strategy)
     start = time.time()
     try:
-        # A resumed run first finishes its interrupted epoch, then runs whole epochs.
-        while step < total and not _Stop.requested:
-            epoch, into = divmod(step, per_epoch)
-            stream = data.train_stream(
-                manifest,
-                cfg.global_batch_size,
-                cfg.seed,
-                start_step=step,
-                patch_size=cfg.patch_size,
-            )
-            model.fit(
-                stream,
-                initial_epoch=epoch,
-                epochs=epoch + 1 if into else cfg.epochs,
-                steps_per_epoch=per_epoch - into if into else per_epoch,
-                validation_data=eval_ds,
-                callbacks=callbacks,
-                shuffle=False,  # the stream is already shuffled, reproducibly
-                verbose=args.verbose,
-            )
-            step = int(model.optimizer.iterations.numpy())
+        result = loop.run(
+            model,
+            strategy,
+            cfg,
+            stream=stream,
+            eval_dataset=eval_ds,
+            evaluate=evaluate,
+            manager=manager,
+            step_counter=step_counter,
+            start_step=step,
+            steps_per_epoch=per_epoch,
+            tb_dir=join(workdir, "tensorboard") if chief else None,
+            verbose=args.verbose,
+        )
     except tf.errors.InvalidArgumentError as e:
         if "sparse autoencoder loss" not in e.message:
             raise
         kept = tf.train.latest_checkpoint(join(workdir, "checkpoints"))
         raise UserError(
-            f"the loss became NaN/Inf near step {int(model.optimizer.iterations.numpy())}; "
+            f"the loss became NaN/Inf near step {int(optimizer.iterations.numpy())}; "
             + (f"the last good checkpoint is kept: {kept}" if kept else "no checkpoint was saved")
             + "; lower learning_rate (--set learning_rate=...) and rerun with a new --workdir",
             exit_code=EXIT_NAN,
@@ -357,10 +299,8 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
             f"a shard of {manifest.root} is corrupt ({data.error_reason(e)}); "
             "rerun `sae preprocess` for this dataset"
         ) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if _Stop.requested:
-        _Stop.requested = False
+    step = result.step
+    if result.stopped:
         raise UserError(
             f"stopped by SIGTERM at step {step}; checkpoint saved in "
             f"{join(workdir, 'checkpoints')}; rerun the same command to resume",
@@ -369,9 +309,9 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
 
     # Printed by every worker: equal fingerprints show the workers ended in sync.
     print(f"train: step {step}, weights fingerprint {_fingerprint(model)}", flush=True)
-    metrics = model_lib.evaluate_metrics(model, eval_ds)
+    metrics = loop.evaluate_metrics(model, eval_ds, evaluate)
     metrics.update(step=step, train_seconds=round(time.time() - start, 2))
-    rho_hat = model.unit_rho_hat().numpy()
+    rho_hat = metrics.pop("rho_hat")
     info = {
         "config": cfg.to_dict(),
         "image_shape": list(cfg.input_shape),
@@ -380,7 +320,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
         "step": step,
     }
     # Every worker saves (the save may run collectives); only the chief's copy is kept.
-    export.save(model, join(out_dir, "export"), info)
+    export.save(_float32(model), join(out_dir, "export"), info)
     if chief:
         _write(
             join(workdir, "metrics.json"),

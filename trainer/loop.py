@@ -1,0 +1,327 @@
+"""The training loop of `sae train`, written out (Orbit-style) on public TensorFlow/Keras API.
+
+    result = loop.run(model, strategy, cfg, stream=..., eval_dataset=..., manager=..., ...)
+    metrics = loop.evaluate_metrics(model, eval_dataset)        # the final, whole-split values
+
+One compiled call runs `num_steps` training steps: a `tf.range` loop of
+`strategy.run(model.train_step)` inside a `tf.function`, `num_steps` a tensor (one trace for
+every call length). Between calls, in Python: the SIGTERM check, progress lines, per-step
+scalars, and at step boundaries that no call straddles (epoch ends, every
+`checkpoint_every_steps`, the last step) the epoch scalars, the evaluation and the checkpoint.
+Evaluation is a plain distributed loop over the eval batches, also one `tf.function`.
+
+Multi-worker: every worker must make the same calls (they run collectives), so every
+decision is a function of the step, except three that are not: SIGTERM and the seconds
+cadences. Those are requests each worker passes into its next call, where they are summed
+over all replicas; all workers act on the sum after that call. A SIGTERM to any worker stops
+all of them at the same step, each after saving.
+
+Checkpoints: `tf.train.CheckpointManager` numbered by the step (the loop's own counter
+`step`, in the checkpoint: an optimizer skipping an overflowing float16 step does not count
+it, but that step consumed its batch). Every worker saves (the other workers into their
+scratch folder); only the chief writes TensorBoard events:
+  WORKDIR/tensorboard/train/       epoch_<term> (the epoch's means), epoch_learning_rate
+                  validation/      epoch_<term>, epoch_dead_fraction, ... of each evaluation
+                  units/           batch_<term> (the epoch's running means, every log_every_steps),
+                                   eval_rho_hat (histogram) and filters (image) per evaluation
+train/ and validation/ are at x = the epoch index (the layout of Keras's TensorBoard
+callback, which `pipeline.curves` reads); units/ at x = the step, so a resumed run continues
+its curves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from preprocessing.manifest import join
+from trainer import losses, visualize
+from trainer.model import images_of
+
+# Requests a worker passes into a call, summed over replicas (see the module docstring).
+STOP, CHECKPOINT, EVALUATE = range(3)
+
+
+# ----------------------------------------------------------------------------
+# The compiled functions.
+# ----------------------------------------------------------------------------
+def _first_local(strategy: tf.distribute.Strategy, values: dict) -> dict:
+    # Every replica computed the same global values: keep the first local one.
+    return {k: strategy.experimental_local_results(v)[0] for k, v in values.items()}
+
+
+def train_function(model, strategy: tf.distribute.Strategy):
+    """`train(iterator, num_steps, requests) -> (logs, agreed)`: runs num_steps >= 1 steps of
+    `model.train_step` on the distributed iterator. requests: float32 [3], this worker's
+    (STOP, CHECKPOINT, EVALUATE) flags; agreed: bool [3], whether any worker raised each.
+    logs: after the last step, the running means since the metrics' last reset."""
+
+    def one_step(iterator):
+        return _first_local(strategy, strategy.run(model.train_step, args=(next(iterator),)))
+
+    def agree(requests):
+        # identity: a copy on this replica's device (MirroredStrategy reduces nothing else).
+        return losses.all_reduce_sum(tf.identity(requests))
+
+    @tf.function
+    def train(iterator, num_steps, requests):
+        agreed = strategy.experimental_local_results(strategy.run(agree, args=(requests,)))[0]
+        logs = one_step(iterator)
+        for _ in tf.range(num_steps - 1):
+            logs = one_step(iterator)
+        return logs, agreed > 0
+
+    return train
+
+
+def eval_function(model, strategy: tf.distribute.Strategy):
+    """`evaluate(distributed dataset) -> dict of NumPy values`: resets the model's metrics,
+    runs `model.test_step` over every batch, and returns the split's logs plus `rho_hat` [s]
+    and `examples`, the number of examples evaluated."""
+
+    def step(batch):
+        model.test_step(batch)
+        return losses.all_reduce_sum(tf.shape(images_of(batch), out_type=tf.int64)[0])
+
+    def results():
+        out = {name: t.result() for name, t in model.trackers.items()}
+        out.update(model.unit_stats.result())
+        out.update(rho_hat=model.unit_rho_hat())
+        return out
+
+    @tf.function
+    def run_eval(dist_dataset):
+        # Counted here: a metric's variables are per replica, and how a read adds them up
+        # depends on the context; the ratios the metrics report do not.
+        examples = tf.constant(0, tf.int64)
+        for batch in dist_dataset:
+            count = strategy.run(step, args=(batch,))
+            examples += strategy.experimental_local_results(count)[0]
+        return {**_first_local(strategy, strategy.run(results)), "examples": examples}
+
+    def evaluate(dist_dataset) -> dict:
+        for m in model.metrics:
+            m.reset_state()
+        return {k: v.numpy() for k, v in run_eval(dist_dataset).items()}
+
+    return evaluate
+
+
+def evaluate_metrics(model, dataset, evaluate=None) -> dict:
+    """Eval values over all of the (finite) `dataset`, as plain floats, and "rho_hat" [s].
+
+    Keys: loss, reconstruction, weight_decay, sparsity, [l1_activity], mean_rho_hat,
+    dead_fraction, saturated_fraction, l0, fraction_variance_explained, eval_examples,
+    loss_batch_mean, sparsity_batch_mean, rho_hat (NumPy).
+
+    `sparsity` and `loss` are UFLDL's J over the whole split: the KL term of the split's
+    rho_hat (its mean activations), so they do not depend on the eval batch size. The KL
+    of a mean is not the mean of batch KLs (it is convex in rho_hat): the mean over
+    batches, each with its own rho_hat, is kept as `*_batch_mean`. The other terms are
+    linear in the examples, so their example-weighted batch means are the split's values.
+    `evaluate`: an `eval_function` to reuse (one is made for the model's strategy).
+    """
+    cfg = model.config
+    strategy = model.distribute_strategy
+    evaluate = evaluate or eval_function(model, strategy)
+    logs = evaluate(strategy.experimental_distribute_dataset(dataset))
+    rho_hat = logs.pop("rho_hat")
+    out = {k: float(v) for k, v in logs.items()}
+    out["eval_examples"] = int(out.pop("examples"))
+    kl = tf.reduce_sum(losses.kl_divergence(cfg.rho, tf.constant(rho_hat, tf.float64), cfg.eps))
+    out["loss_batch_mean"] = out["loss"]
+    out["sparsity_batch_mean"] = out["sparsity"]
+    out["sparsity"] = cfg.beta * float(kl)
+    linear = ("reconstruction", "weight_decay", "l1_activity")
+    out["loss"] = sum(out.get(k, 0.0) for k in linear) + out["sparsity"]
+    out["rho_hat"] = rho_hat
+    return out
+
+
+# ----------------------------------------------------------------------------
+# SIGTERM: a flag, read between calls.
+# ----------------------------------------------------------------------------
+class _Stop:
+    requested = False
+
+    @classmethod
+    def handler(cls, signum, frame):  # noqa: ARG003
+        cls.requested = True
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    _Stop.requested = False
+    previous = signal.signal(signal.SIGTERM, _Stop.handler)
+    try:
+        yield _Stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _Stop.requested = False
+
+
+# ----------------------------------------------------------------------------
+# TensorBoard (chief only).
+# ----------------------------------------------------------------------------
+FILTER_IMAGE_SIDE = 512  # TensorBoard's filter picture is enlarged to about this many pixels
+
+
+def filter_image(w1: np.ndarray, image_shape) -> np.ndarray:
+    """TensorBoard's filter picture: `visualize.filter_grid`, enlarged by a whole factor to
+    about FILTER_IMAGE_SIDE pixels, never shrunk. Bounded, because the cost is per pixel:
+    filters.png's 4x of 512 32x32 tiles is 9 million pixels, 1.3 s a picture on 2 cores."""
+    grid = visualize.filter_grid(w1, image_shape, scale=1)
+    scale = max(1, FILTER_IMAGE_SIDE // max(grid.shape[:2]))
+    return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+
+
+class _Summaries:
+    """The three TensorBoard runs; every method is a no-op without a folder (non-chief)."""
+
+    def __init__(self, tb_dir: str | None):
+        names = ("train", "validation", "units") if tb_dir else ()
+        self.writers = {n: tf.summary.create_file_writer(join(tb_dir, n)) for n in names}
+        self.enabled = bool(tb_dir)
+
+    def scalars(self, run: str, prefix: str, values: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        with self.writers[run].as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(f"{prefix}{name}", value)
+
+    def units(self, rho_hat: np.ndarray, w1: np.ndarray, image_shape, step: int) -> None:
+        if not self.enabled:
+            return
+        with self.writers["units"].as_default(step=step):
+            tf.summary.histogram("eval_rho_hat", rho_hat)
+            tf.summary.image("filters", filter_image(w1, image_shape)[None])
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+
+def _line(values: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+@dataclass
+class Result:
+    step: int  # the step training stopped at (== total unless stopped)
+    stopped: bool  # by SIGTERM (on any worker), after saving a checkpoint at `step`
+
+
+def run(
+    model,
+    strategy: tf.distribute.Strategy,
+    cfg,
+    *,
+    stream: tf.data.Dataset,
+    eval_dataset: tf.data.Dataset,
+    manager: tf.train.CheckpointManager,
+    step_counter: tf.Variable,
+    start_step: int,
+    steps_per_epoch: int,
+    tb_dir: str | None,
+    verbose: int = 2,
+    evaluate=None,
+) -> Result:
+    """Trains from `start_step` to cfg.epochs * steps_per_epoch (see the module docstring).
+
+    stream: the batches from start_step on (infinite); eval_dataset: the batches of one
+    evaluation; evaluate: an `eval_function` to reuse (else one is made); step_counter: the
+    checkpointed step variable (assigned before each save);
+    tb_dir: the TensorBoard folder, None on non-chief workers; verbose: 0 silent, 1 a line
+    every log_every_steps and per epoch, 2 a line per epoch. Raises what the steps raise
+    (NaN loss: InvalidArgumentError from the check in `train_step`).
+    """
+    total = cfg.epochs * steps_per_epoch
+    train = train_function(model, strategy)
+    evaluate = evaluate or eval_function(model, strategy)
+    iterator = iter(strategy.experimental_distribute_dataset(stream))
+    dist_eval = strategy.experimental_distribute_dataset(eval_dataset)
+    summaries = _Summaries(tb_dir)
+    every_ckpt, every_log = cfg.checkpoint_every_steps, cfg.log_every_steps
+    clock = time.monotonic
+    last_save = last_eval = epoch_start = clock()
+    step = start_step
+    for m in model.metrics:
+        m.reset_state()
+
+    def save() -> None:
+        nonlocal last_save
+        step_counter.assign(step)
+        manager.save(checkpoint_number=step)
+        last_save = clock()
+
+    with _sigterm_flag() as stop:
+        try:
+            while step < total:
+                if verbose and step % steps_per_epoch == 0:
+                    # Keras's form: tools match it (`sae k8s simulate --kill '1@/Epoch 3\//'`
+                    # stops a worker once the epoch-2 checkpoint is saved).
+                    print(f"Epoch {step // steps_per_epoch + 1}/{cfg.epochs}", flush=True)
+                # The call ends at the next epoch end or checkpoint step, whichever is first.
+                ends = [total, (step // steps_per_epoch + 1) * steps_per_epoch]
+                ends.append(step + cfg.steps_per_execution)
+                if every_ckpt:
+                    ends.append((step // every_ckpt + 1) * every_ckpt)
+                num_steps = min(ends) - step
+                requests = np.zeros(3, np.float32)
+                requests[STOP] = stop.requested
+                secs = cfg.checkpoint_every_seconds
+                requests[CHECKPOINT] = bool(secs) and clock() - last_save >= secs
+                secs = cfg.eval_every_seconds
+                requests[EVALUATE] = bool(secs) and clock() - last_eval >= secs
+                logs, agreed = train(iterator, tf.constant(num_steps), tf.constant(requests))
+                before, step = step, step + num_steps
+                agreed = agreed.numpy()
+
+                means = {k: float(v) for k, v in logs.items()}
+                if every_log and step // every_log > before // every_log:
+                    summaries.scalars("units", "batch_", means, step)
+                    if verbose == 1:
+                        print(f"train: step {step}/{total}: {_line(means)}", flush=True)
+
+                if step % steps_per_epoch == 0:
+                    epoch = step // steps_per_epoch - 1
+                    lr = float(tf.convert_to_tensor(model.optimizer.learning_rate))
+                    summaries.scalars("train", "epoch_", {**means, "learning_rate": lr}, epoch)
+                    line = f"train: epoch {epoch + 1}/{cfg.epochs}, step {step}: {_line(means)}"
+                    if not cfg.eval_every_seconds or agreed[EVALUATE] or step == total:
+                        ev = evaluate(dist_eval)
+                        rho_hat = ev.pop("rho_hat")
+                        ev.pop("examples")
+                        summaries.scalars("validation", "epoch_", ev, epoch)
+                        summaries.units(rho_hat, model.w1.numpy(), cfg.input_shape, step)
+                        last_eval = clock()
+                        line += f"; eval loss {ev['loss']:.4g}"
+                    for m in model.metrics:
+                        m.reset_state()
+                    if verbose:
+                        print(f"{line} ({clock() - epoch_start:.1f} s)", flush=True)
+                    epoch_start = clock()
+
+                epoch_end = step % steps_per_epoch == 0 and not cfg.checkpoint_every_seconds
+                if (
+                    agreed[STOP]
+                    or agreed[CHECKPOINT]
+                    or epoch_end
+                    or step == total
+                    or (every_ckpt and step % every_ckpt == 0)
+                ):
+                    save()
+                if agreed[STOP]:
+                    return Result(step, stopped=True)
+        finally:
+            summaries.close()
+    return Result(step, stopped=False)
