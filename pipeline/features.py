@@ -4,6 +4,7 @@
     ds = features.dataset("runs/feats", batch_size=128)  # tf.data; "features" is a SparseTensor
     df = features.dataframe("runs/feats")  # pandas: key, indices, values, split, label
     X, keys, labels, splits = features.sparse_matrix("runs/feats")  # scipy CSR [n, dim]
+    fs = features.load("runs/feats")  # the manifest, typed: fs.dim, fs.num_written, ...
 
 All take local paths or gs:// URIs and read only the shards the manifest lists.
 """
