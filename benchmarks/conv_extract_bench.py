@@ -20,6 +20,10 @@ included (common.measure), median of --repeats interleaved runs:
   naive   --loop naive: the same reading; every KxK window of each batch cut out with NumPy
           (sliding_window_view), `encode` on them, the maps mean-pooled over the grid in NumPy
           (equal to direct's rows within 2e-7); all rows, or the first --naive-rows.
+  stages  --loop stages: where encode_map's time goes, on one batch of the shards: the
+          convolution as TF's conv2d and as an im2col GEMM (extract_patches + matmul), the
+          sigmoid and the grid pooling, each alone (median of 5), with the multiply-adds
+          (2 H' W' K^2 C s per image) and GFLOP/s of the two convolutions.
 Targets (issue 11): sae_2w >= 0.8x direct, >= 5x naive. `background_cores` says how much other
 work ran meanwhile; this 2-core machine is shared, so trust figures only when it is near 0.
 """
@@ -128,6 +132,50 @@ def loop(mode: str, data_dir: str, export_dir: str, grid: int, stride: int, limi
             "loop_seconds": round(time.perf_counter() - t_start - startup, 2)}  # fmt: skip
 
 
+def stages(data_dir: str, export_dir: str, grid: int) -> dict:
+    """Seconds per batch of each encode_map stage alone, on the first batch of the shards."""
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer import conv
+
+    model = tf.saved_model.load(export_dir)
+    w1 = model.model.w1  # the trainer's weights, tracked by the export's serving module
+    images = next(_batches(data_dir, BATCH))
+    x = tf.constant(images, tf.float32) / 255.0
+    b, h, w, c = x.shape
+    s = w1.shape[1]
+    k = int(round((w1.shape[0] // c) ** 0.5))
+    kernel = tf.reshape(w1, [k, k, c, s])
+    conv2d = tf.function(lambda: tf.nn.conv2d(x, kernel, 1, "VALID"))
+
+    @tf.function
+    def im2col():
+        patches = tf.image.extract_patches(x, [1, k, k, 1], [1] * 4, [1] * 4, "VALID")
+        hp, wp = patches.shape[1], patches.shape[2]
+        z = tf.matmul(tf.reshape(patches, [-1, k * k * c]), tf.reshape(kernel, [-1, s]))
+        return tf.reshape(z, [b, hp, wp, s])
+
+    z = conv2d()
+    np.testing.assert_allclose(im2col().numpy(), z.numpy(), atol=1e-4)
+    parts = {"conv2d": conv2d, "im2col_matmul": im2col,
+             "sigmoid": tf.function(lambda: tf.sigmoid(z)),
+             "pool_grid": tf.function(lambda: conv.pool_grid(z, grid, "mean"))}  # fmt: skip
+    seconds = {}
+    for name, f in parts.items():
+        f()  # traced and warm
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f().numpy()
+            times.append(time.perf_counter() - t0)
+        seconds[name] = round(float(np.median(times)), 4)
+    flops = 2 * b * z.shape[1] * z.shape[2] * k * k * c * s
+    rates = {n: round(flops / 1e9 / seconds[n], 1) for n in ("conv2d", "im2col_matmul")}
+    return {"images": b, "map": list(z.shape[1:]), "gflop_per_batch": round(flops / 1e9, 2),
+            "seconds": seconds, "gflop_per_s": rates}  # fmt: skip
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a `sae preprocess` output (default: builtin:mnist, made)")
@@ -139,12 +187,15 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_repeats_arg(p, "each contender", 1)
     add_workdir_args(p, "the job's outputs and logs")
-    p.add_argument("--loop", choices=("direct", "naive"), help=argparse.SUPPRESS)
+    p.add_argument("--loop", choices=("direct", "naive", "stages"), help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.loop == "stages":
+        print(json.dumps(stages(args.data, args.model, args.pool)))
+        return 0
     if args.loop:
         limit = args.naive_rows if args.loop == "naive" and args.naive_rows else None
         print(json.dumps(loop(args.loop, args.data, args.model, args.pool, args.stride, limit)))
