@@ -50,11 +50,13 @@ DIGITS_FLAGS = ["--input", "builtin:digits", "--num-shards", "3", "--eval-fracti
 LONG_MODULES = (
     "test_train.py",
     "test_model.py",
-    "test_extract.py",
-    "test_bad_invocations.py",
     "test_retrain.py",
-    "test_k8s_sim.py",
+    "test_extract.py",
     "test_portable.py",
+    "test_bad_invocations.py",
+    "test_k8s_sim.py",
+    "test_run.py",
+    "test_preprocess.py",
 )
 
 
