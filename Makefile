@@ -24,11 +24,12 @@ demo: setup  ## the whole pipeline on builtin:mnist, conv path: $(DEMO)/report.h
 	$(BIN)/sae run $(DEMO_FLAGS) --workdir $(DEMO)
 
 # Two pytest-xdist workers, one test module each at a time (--dist loadfile: a module's
-# fixtures, such as a job server or a trained model, are built once, in one worker). The
-# session fixtures in tests/conftest.py are built once and shared; each worker runs its own
-# GCS emulator. TEST_WORKERS=0 runs everything in one process.
+# fixtures, such as a job server or a trained model, are built once, in one worker), the
+# longest modules first (tests/conftest.py LONG_MODULES; --no-loadscope-reorder keeps that
+# order). The session fixtures in tests/conftest.py are built once and shared; each worker
+# runs its own GCS emulator. TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup  ## the whole suite, slow end-to-end tests included (as CI runs it)
 	$(BIN)/ruff check .

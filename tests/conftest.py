@@ -43,6 +43,28 @@ from tests.gcs_emulator import DEFAULT_BUCKET, EmulatorStartError, GcsEmulator, 
 DIGITS_FLAGS = ["--input", "builtin:digits", "--num-shards", "3", "--eval-fraction", "0.2"]
 
 
+# The modules that take minutes, longest first (pytest --durations, 2026-12-01). They are
+# collected first, so that pytest-xdist (make test: --dist loadfile --no-loadscope-reorder)
+# starts them first and no worker is left running one of them alone at the end. The order
+# only changes when modules run, never what they check.
+LONG_MODULES = (
+    "test_train.py",
+    "test_model.py",
+    "test_retrain.py",
+    "test_extract.py",
+    "test_portable.py",
+    "test_bad_invocations.py",
+    "test_k8s_sim.py",
+    "test_run.py",
+    "test_preprocess.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
+
+
 def _digest(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):

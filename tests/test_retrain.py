@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import tensorflow as tf
 from pipeline import models, retrain
 from preprocessing.errors import UserError
 from tests.helpers import sae
+from tests.races import race_many
 
 GOOD = {"reconstruction": 1.0, "mean_rho_hat": 0.1, "dead_fraction": 0.0, "rho": 0.1}
 
@@ -27,30 +27,7 @@ def test_gate_decisions():
     assert not ok and len(reasons) == 2  # the first model still needs the absolute checks
 
 
-def _race(root: str, barrier, results, env: dict) -> None:
-    import os
-
-    os.environ.update(env)
-    from pipeline import models as m
-
-    _, token = m.read_current(root)
-    barrier.wait()  # everyone has read the same CURRENT before anyone writes
-    results.put(m.compare_and_swap(root, token, f"v-{os.getpid()}"))
-
-
-def _race_many(root: str, n: int = 4) -> list[bool]:
-    import os
-
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [
-        ctx.Process(target=_race, args=(root, barrier, results, dict(os.environ))) for _ in range(n)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    return [results.get(timeout=5) for _ in procs]
+_race_many = race_many  # in its own module: the racing children import no TensorFlow
 
 
 def test_concurrent_promotions_exactly_one_wins_locally(tmp_path):
