@@ -259,9 +259,8 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
     if cfg.eval_batches:
         eval_ds = eval_ds.take(cfg.eval_batches)
     h, w, c = manifest.image_shape
-    if manifest.num_examples("eval") * h * w * c <= data.IN_MEMORY_BYTES:
-        # Read and parsed once: every later evaluation (eval windows included) is the same.
-        eval_ds = eval_ds.cache()
+    # Read and parsed once when they fit: every evaluation (eval windows included) is the same.
+    eval_in_memory = manifest.num_examples("eval") * h * w * c <= data.IN_MEMORY_BYTES
     stream = data.train_stream(
         manifest, cfg.global_batch_size, cfg.seed, start_step=step, patch_size=cfg.patch_size
     )
@@ -275,6 +274,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
             stream=stream,
             eval_dataset=eval_ds,
             evaluate=evaluate,
+            keep_eval_in_memory=eval_in_memory,
             manager=manager,
             step_counter=step_counter,
             start_step=step,
