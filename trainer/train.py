@@ -261,12 +261,13 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
     h, w, c = manifest.image_shape
     # Read and parsed once when they fit: every evaluation (eval windows included) is the same.
     eval_in_memory = manifest.num_examples("eval") * h * w * c <= data.IN_MEMORY_BYTES
-    stream = data.train_stream(
-        manifest, cfg.global_batch_size, cfg.seed, start_step=step, patch_size=cfg.patch_size
-    )
     evaluate = loop.eval_function(model, strategy)
     start = time.time()
     try:
+        # Inside: a small train split is read whole here, and a corrupt shard fails the read.
+        stream = data.train_stream(
+            manifest, cfg.global_batch_size, cfg.seed, start_step=step, patch_size=cfg.patch_size
+        )
         result = loop.run(
             model,
             strategy,
