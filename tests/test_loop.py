@@ -146,3 +146,42 @@ def test_mixed_precision_agrees_with_float32(precision, digits):
     m_full, m_mixed = loop.evaluate_metrics(full, ds), loop.evaluate_metrics(mixed, ds)
     for key in ("loss", "reconstruction", "fraction_variance_explained", "mean_rho_hat"):
         assert m_mixed[key] == pytest.approx(m_full[key], rel=0.03), key
+
+
+# ----------------------------------------------------------------------------
+# The loop's cadences.
+# ----------------------------------------------------------------------------
+def _event_steps(run_dir: Path, tag: str) -> list[int]:
+    steps = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+@pytest.mark.parametrize("seconds", [0.0, 3600.0])
+def test_evaluation_and_checkpoints_by_steps_or_by_seconds(seconds, digits, tmp_path):
+    """0 s: every epoch end evaluates and saves; an hour: only the last step does (the
+    clock never asks), plus every checkpoint_every_steps."""
+    model = _model([f"eval_every_seconds={seconds}", f"checkpoint_every_seconds={seconds}",
+                    "epochs=4", "steps_per_epoch=6", "checkpoint_every_steps=8",
+                    "steps_per_execution=5", "log_every_steps=4"])  # fmt: skip
+    cfg = model.config
+    step = tf.Variable(0, dtype=tf.int64)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step)
+    manager = tf.train.CheckpointManager(ckpt, str(tmp_path / "ckpt"), max_to_keep=None)
+    ds = tf.data.Dataset.from_tensor_slices(digits).batch(cfg.global_batch_size)
+    result = loop.run(
+        model, tf.distribute.get_strategy(), cfg, stream=ds.repeat(), eval_dataset=ds.take(2),
+        manager=manager, step_counter=step, start_step=0, steps_per_epoch=6,
+        tb_dir=str(tmp_path / "tb"), verbose=0,
+    )  # fmt: skip
+    assert result == loop.Result(step=24, stopped=False) and int(step) == 24
+    epochs = [0, 1, 2, 3] if not seconds else [3]
+    assert _event_steps(tmp_path / "tb" / "train", "epoch_loss") == [0, 1, 2, 3]
+    assert _event_steps(tmp_path / "tb" / "validation", "epoch_loss") == epochs
+    assert _event_steps(tmp_path / "tb" / "units", "eval_rho_hat") == [6 * (e + 1) for e in epochs]
+    # Calls end at 5, 6, 8, 12, 16, 18, 23, 24: batch scalars at the first end past each 4k.
+    assert _event_steps(tmp_path / "tb" / "units", "batch_loss") == [5, 8, 12, 16, 23, 24]
+    saved = [int(p.rsplit("-", 1)[1]) for p in manager.checkpoints]
+    assert saved == ([6, 8, 12, 16, 18, 24] if not seconds else [8, 16, 24])

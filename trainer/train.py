@@ -259,15 +259,15 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
     if cfg.eval_batches:
         eval_ds = eval_ds.take(cfg.eval_batches)
     h, w, c = manifest.image_shape
-    if manifest.num_examples("eval") * h * w * c <= data.IN_MEMORY_BYTES:
-        # Read and parsed once: every later evaluation (eval windows included) is the same.
-        eval_ds = eval_ds.cache()
-    stream = data.train_stream(
-        manifest, cfg.global_batch_size, cfg.seed, start_step=step, patch_size=cfg.patch_size
-    )
+    # Read and parsed once when they fit: every evaluation (eval windows included) is the same.
+    eval_in_memory = manifest.num_examples("eval") * h * w * c <= data.IN_MEMORY_BYTES
     evaluate = loop.eval_function(model, strategy)
     start = time.time()
     try:
+        # Inside: a small train split is read whole here, and a corrupt shard fails the read.
+        stream = data.train_stream(
+            manifest, cfg.global_batch_size, cfg.seed, start_step=step, patch_size=cfg.patch_size
+        )
         result = loop.run(
             model,
             strategy,
@@ -275,6 +275,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
             stream=stream,
             eval_dataset=eval_ds,
             evaluate=evaluate,
+            keep_eval_in_memory=eval_in_memory,
             manager=manager,
             step_counter=step_counter,
             start_step=step,
