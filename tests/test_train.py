@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import pytest
 import tensorflow as tf
 
 from preprocessing import job, manifest, records
+from tests import helpers
 
 SAE_TRAIN = [sys.executable, "-m", "pipeline.cli", "train"]
 # 30 epochs of 10 steps: the epoch (10) differs from a pass over the train split
@@ -58,40 +58,19 @@ def _train_args(data: str | Path, workdir: str | Path, *args: str) -> list[str]:
 
 
 def _train(data, workdir, *args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        _train_args(data, workdir, *args),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=env or _env(),
-    )
+    return helpers.run(_train_args(data, workdir, *args), timeout=TIMEOUT, env=env or _env())
 
 
 def _start(data, workdir, *args: str, env=None) -> subprocess.Popen:
-    return subprocess.Popen(
-        _train_args(data, workdir, *args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env or _env(),
-    )
+    return helpers.start(_train_args(data, workdir, *args), env=env or _env())
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[tuple[str, str]]:
-    """Waits for all; on a timeout kills every one of them (a hung collective fails the test)."""
-    deadline = time.monotonic() + timeout
-    try:
-        return [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    """(stdout, stderr) of each; a timeout stops them all (a hung collective fails the test)."""
+    return [(r.stdout, r.stderr) for r in helpers.finish(procs, timeout, what="training")]
 
 
-def _ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
-    return r
+_ok = helpers.ok
 
 
 def _fingerprint(stdout: str) -> str:
@@ -452,20 +431,10 @@ def test_sigterm_saves_exits_75_and_the_rerun_ends_with_the_uninterrupted_weight
 # 4. Two workers: stopped together by a SIGTERM to one, resumed, in sync, equal to 1 replica,
 #    and only the chief writes. (Mirrored replicas: tests/test_model.py.)
 # ----------------------------------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_two_workers_stop_together_resume_and_train_like_one_replica(data_dir, trained, tmp_path):
     workdir = tmp_path / "run"
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in helpers.free_ports(2)]}
 
     def start_workers() -> list[subprocess.Popen]:
         return [

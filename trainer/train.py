@@ -22,16 +22,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import posixpath
 import time
 from collections.abc import Sequence
 
-from preprocessing import flags
+from preprocessing import flags, storage
 from preprocessing import manifest as manifest_lib
 from preprocessing.errors import ArgumentParser, UserError
-from preprocessing.manifest import join
+from preprocessing.storage import join
+from trainer import artifacts
 
 EXIT_NAN = 4
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: restart me
@@ -142,26 +142,14 @@ def _fit_zca(model, manifest) -> None:
 
 
 def _check_config_matches(workdir: str, cfg) -> None:
-    import tensorflow as tf
-
-    path = join(workdir, "config.json")
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        previous = json.load(f)
-    if previous != cfg.to_dict():
-        diff = sorted(k for k in cfg.to_dict() if previous.get(k) != cfg.to_dict()[k])
+    previous = artifacts.config_if_any(workdir)
+    if previous is not None and previous != cfg:
+        old, new = previous.to_dict(), cfg.to_dict()
+        diff = sorted(k for k in new if old.get(k) != new[k])
         raise UserError(
             f"{workdir} holds a run with a different config ({', '.join(diff)} differ); "
             "rerun with the same --preset/--set to resume, or use a new --workdir"
         )
-
-
-def _write(path: str, data: bytes | str) -> None:
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def _fingerprint(model) -> str:
@@ -180,6 +168,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     # Before TensorFlow's import (seconds): bad config and data that lies fail at once.
     cfg = config_lib.apply_overrides(config_lib.preset(args.preset), args.set)
+    reads = [("--data", args.data)] + ([("--init-from", args.init_from)] if args.init_from else [])
+    storage.check_access(reads=reads, writes=[("--workdir", args.workdir)])
     manifest = manifest_lib.load(args.data)
     manifest.check_shards()
     import tensorflow as tf
@@ -217,12 +207,10 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
     # Non-chief workers take part in every collective save but write to scratch space.
     out_dir = workdir if chief else distribute.worker_temp_dir(workdir)
     _check_config_matches(workdir, cfg)
-    tf.io.gfile.makedirs(out_dir)
-    if chief and not tf.io.gfile.exists(join(workdir, "config.json")):
+    storage.makedirs(out_dir)
+    if chief and not storage.exists(join(workdir, artifacts.CONFIG)):
         # Atomically: a restarted worker reads it (above) while a restarted chief starts.
-        tmp = join(workdir, f"config.json.tmp-{os.getpid()}")
-        _write(tmp, json.dumps(cfg.to_dict(), indent=2))
-        tf.io.gfile.rename(tmp, join(workdir, "config.json"), overwrite=True)
+        artifacts.write_config(workdir, cfg)
 
     with strategy.scope():
         model = model_lib.SparseAutoencoder(cfg)
@@ -313,29 +301,25 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
     metrics = loop.evaluate_metrics(model, eval_ds, evaluate)
     metrics.update(step=step, train_seconds=round(time.time() - start, 2))
     rho_hat = metrics.pop("rho_hat")
-    info = {
-        "config": cfg.to_dict(),
-        "image_shape": list(cfg.input_shape),
-        "label_names": manifest.label_names,
-        "data": manifest.root,
-        "step": step,
-    }
+    info = artifacts.ExportInfo(
+        cfg, cfg.input_shape, tuple(manifest.label_names), manifest.root, step
+    )
     # Every worker saves (the save may run collectives); only the chief's copy is kept.
     export.save(_float32(model), join(out_dir, "export"), info)
     if chief:
-        _write(
-            join(workdir, "metrics.json"),
-            json.dumps({**metrics, "rho_hat": rho_hat.round(5).tolist()}, indent=2),
+        values = {k: v for k, v in metrics.items() if k != "step"}
+        artifacts.write_metrics(
+            workdir, artifacts.Metrics(values, step, tuple(rho_hat.round(5).tolist()))
         )
-        _write(
-            join(workdir, "filters.png"),
+        storage.publish(
+            join(workdir, artifacts.FILTERS),
             visualize.png_bytes(visualize.filter_grid(model.w1.numpy(), cfg.input_shape)),
         )
         batch = next(iter(data.eval_dataset(manifest, 16, patch_size=cfg.patch_size)))
         x = model.normalize(batch).numpy()
         x_hat = model.reconstruct(batch).numpy()
-        _write(
-            join(workdir, "reconstructions.png"),
+        storage.publish(
+            join(workdir, artifacts.RECONSTRUCTIONS),
             visualize.png_bytes(visualize.reconstruction_grid(x, x_hat)),
         )
         print(
@@ -355,6 +339,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
             flush=True,
         )
     else:
+        # TensorFlow wrote this scratch folder (checkpoints, export): its filesystem removes it.
         tf.io.gfile.rmtree(out_dir)
         # The last worker to finish also removes tmp-workers/ (every worker made its folder
         # before training started, so an empty parent stays empty).
