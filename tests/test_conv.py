@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.pooled import map_size
-from trainer import conv, export
+from trainer import artifacts, conv, export
 from trainer.config import apply_overrides, preset
 from trainer.model import SparseAutoencoder
 
@@ -151,7 +151,8 @@ def test_saved_model_signature_equals_encode_and_checks_its_inputs(tmp_path, set
     model = _model(*sets)
     if model.config.zca_epsilon:
         model.fit_zca(_images(100, K, K, seed=3))
-    export.save(model, str(tmp_path / "export"), {})
+    info = artifacts.ExportInfo(model.config, model.config.input_shape, (), "", 0)
+    export.save(model, str(tmp_path / "export"), info)
     sig = tf.saved_model.load(str(tmp_path / "export")).signatures
     images = _images(2, 10, 7)
     for stride in (1, 3):

@@ -18,7 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import extract
 from pipeline import feature_records as fr
-from preprocessing import decode, progress, records, sharding, sources
+from preprocessing import decode, progress, records, sharding, sources, storage
 from tests.collections import good_keys, messy_collection
 from trainer import export
 from trainer.config import apply_overrides, preset
@@ -39,7 +39,7 @@ def write_listing(out: str, group: str, index: int, total: int, recs: list) -> d
     """A ShardWriter: one JSON file of the shard's [key, payload] pairs, in the given order."""
     rows = [[k, bytes(v).decode()] for k, v in recs]
     path = sharding.shard_path(out, group, index, total, ".json")
-    sharding.write_atomically(path, [json.dumps(rows).encode()])
+    storage.publish(path, json.dumps(rows))
     return {"group": group, "index": index, "num_examples": len(recs)}
 
 
@@ -196,8 +196,15 @@ def test_encode_and_sum_stats_equal_the_models_encode_outside_beam(model_dir, ki
     def features(batch: list) -> list:
         out = []
         for group, key, payload in batch:
-            r = fr.decode(payload)
-            assert group == "features" and r.key == key and r.dim == HIDDEN
+            r = fr.decode(bytes(fr.row_example(payload)))  # the TFRecord's Example
+            row = fr.row_record(key, payload)  # the Parquet row's columns
+            assert group == "features" and r.key == key and r.dim == row.dim == HIDDEN
+            assert (row.indices.tolist(), row.values.tolist(), row.label, row.split) == (
+                r.indices.tolist(),
+                r.values.tolist(),
+                r.label,
+                r.split,
+            )
             out.append((r.key, r.indices.tolist(), r.values.tolist(), r.label))
         return out
 

@@ -163,7 +163,7 @@ class TrainConfig:
     eval_every_seconds: float = 0.0
     # Per-step scalars (TensorBoard units/batch_*, and the progress line of --verbose 1) at the
     # first call boundary at or after every multiple of this many steps (0 = none).
-    log_every_steps: int = 100
+    log_every_steps: int = 10
     # Up to this many steps run inside one TensorFlow function call: for small models the
     # per-call Python overhead costs more than the step itself. A call also ends at every
     # epoch end and checkpoint step, so nothing waits for a call to finish but the SIGTERM
