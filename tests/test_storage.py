@@ -270,6 +270,7 @@ def test_missing_bucket_and_unreachable_endpoint(gcs_emulator, monkeypatch):
         ("pipeline.probe", ["--features", "{p}/feats", "--data", "{p}/photos"]),
         ("preprocessing.datasets_cli", ["export", "digits", "{p}/png"]),
         ("pipeline.run_all", ["--workdir", "{p}/run"]),
+        ("trainer.train", ["--data", "{p}/ds", "--workdir", "{p}/train", "--preset", "tiny"]),
     ],
 )
 def test_every_jobs_run_checks_what_it_writes(read_only, job, argv):
