@@ -28,7 +28,7 @@ Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value 
                    lambda 3e-3, ZCA whitening with epsilon 1 and the linear decoder (UFLDL's
                    linear-decoder exercise), Adam at 1e-2; 3,000 steps at global batch 1024 (one
                    random window per image per step). Measured 2026-12-01 (`make demo`, 2 shared
-                   cores at load 6 to 12: 6 min 18 s end to end, 148 CPU seconds; README):
+                   cores: 1 min 19 s end to end when quiet, 6 min 18 s at load 6 to 12; README):
                    eval mean rho_hat 0.050 (every unit's between 0.049 and 0.055), no dead
                    units, 82% of the variance explained; the filters are pen-stroke pieces
                    (arcs, bars, corners) in every tile. Pooled with
