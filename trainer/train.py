@@ -100,8 +100,7 @@ def _warm_start(model, init_from: str) -> None:
         tf.train.Checkpoint(model=twin).restore(
             path
         ).expect_partial().assert_existing_objects_matched()
-        for dst, src in zip(model.weights, twin.weights, strict=True):
-            dst.assign(src)
+        _copy_weights(model, twin)
     except (ValueError, AssertionError, tf.errors.OpError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -119,9 +118,14 @@ def _float32(model):
     if model.config.precision == "float32":
         return model
     twin = SparseAutoencoder(dataclasses.replace(model.config, precision="float32"))
-    for dst, src in zip(twin.weights, model.weights, strict=True):
-        dst.assign(src)
+    _copy_weights(twin, model)
     return twin
+
+
+def _copy_weights(dst, src) -> None:
+    """Every weight of `src` into the same-config model `dst` (its twin)."""
+    for d, s in zip(dst.weights, src.weights, strict=True):
+        d.assign(s)
 
 
 ZCA_SAMPLES = 100_000  # inputs the whitening is estimated from (UFLDL's exercise: 100,000)
