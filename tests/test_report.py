@@ -16,7 +16,7 @@ from preprocessing import manifest
 from tests.helpers import LABELLED_H as H
 from tests.helpers import LABELLED_W as W
 from tests.test_conv import _naive_maps
-from trainer import export
+from trainer import export, visualize
 from trainer.config import apply_overrides, preset
 from trainer.model import SparseAutoencoder
 
@@ -104,6 +104,29 @@ def test_batches_are_bounded_by_map_size():
     assert dashboards.batch_for(1, 400, cap=100) == 100  # whole images: the cap
     assert dashboards.batch_for(441, 400, cap=100) == 47  # 28x28 digits, 8x8 windows
     assert dashboards.batch_for(10**6, 400, cap=100) == 1  # one huge image at a time
+
+
+def test_filter_grid_gives_each_unit_its_own_bordered_tile():
+    # 5 units of 3x4 pixels: a 3-column grid of 2 rows, 1-pixel black borders, the sixth
+    # cell empty; each tile is its unit's weights scaled by their own max |w|, grey = 0.
+    h, w, units = 3, 4, 5
+    w1 = np.random.default_rng(0).normal(size=(h * w, units))
+    grid = visualize.filter_grid(w1, (h, w, 1), scale=1)[:, :, 0]
+    assert grid.shape == (2 * (h + 1) + 1, 3 * (w + 1) + 1)
+    for j in range(6):
+        r, q = divmod(j, 3)
+        tile = grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w]
+        if j == units:
+            assert not tile.any()
+            continue
+        unit = w1[:, j].reshape(h, w)
+        np.testing.assert_array_equal(tile, np.rint(255 * (0.5 + 0.5 * unit / abs(unit).max())))
+    assert not grid[:: h + 1].any() and not grid[:, :: w + 1].any()  # every border line
+    assert visualize.filter_grid(w1, (h, w, 1), scale=2).shape == (
+        2 * grid.shape[0],
+        2 * grid.shape[1],
+        1,
+    )
 
 
 def test_cost_curves_read_back_from_event_files(tmp_path):

@@ -13,16 +13,25 @@ import math
 import numpy as np
 
 
-def _grid(tiles: np.ndarray, border_value: float) -> np.ndarray:
-    """tiles [k, h, w, c] in [0, 1] -> one image [rows*(h+1)+1, cols*(w+1)+1, c]."""
+def _grid(tiles: np.ndarray, border: int) -> np.ndarray:
+    """uint8 tiles [k, h, w, c] -> one uint8 image [rows*(h+1)+1, cols*(w+1)+1, c]."""
     k, h, w, c = tiles.shape
     cols = math.ceil(math.sqrt(k))
     rows = math.ceil(k / cols)
-    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), border_value, np.float64)
-    for i in range(k):
-        r, q = divmod(i, cols)
-        out[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = tiles[i]
+    # Each tile with a border below and to its right, laid out by one reshape (no Python
+    # loop, and in uint8: TensorBoard redraws this at every evaluation); then the top and
+    # left border.
+    cells = np.full((rows * cols, h + 1, w + 1, c), border, np.uint8)
+    cells[:k, :h, :w] = tiles
+    grid = cells.reshape(rows, cols, h + 1, w + 1, c).transpose(0, 2, 1, 3, 4)
+    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), border, np.uint8)
+    out[1:, 1:] = grid.reshape(rows * (h + 1), cols * (w + 1), c)
     return out
+
+
+def enlarge(img: np.ndarray, scale: int) -> np.ndarray:
+    """[H, W, C] -> [scale*H, scale*W, C], each pixel a scale x scale block."""
+    return np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
 
 
 def filter_grid(w1: np.ndarray, image_shape: tuple[int, int, int], scale: int = 4) -> np.ndarray:
@@ -31,8 +40,7 @@ def filter_grid(w1: np.ndarray, image_shape: tuple[int, int, int], scale: int = 
     tiles = np.asarray(w1, np.float64).T.reshape(-1, h, w, c)
     peak = np.abs(tiles).max(axis=(1, 2, 3), keepdims=True)
     tiles = 0.5 + 0.5 * tiles / np.where(peak > 0, peak, 1.0)  # grey = 0, per-tile contrast
-    grid = _grid(tiles, border_value=0.0)
-    return _to_uint8(np.kron(grid, np.ones((scale, scale, 1))))
+    return enlarge(_grid(_to_uint8(tiles), border=0), scale)
 
 
 def reconstruction_grid(x: np.ndarray, x_hat: np.ndarray, scale: int = 4) -> np.ndarray:
@@ -44,7 +52,7 @@ def reconstruction_grid(x: np.ndarray, x_hat: np.ndarray, scale: int = 4) -> np.
     hi = np.maximum(x.max(axis=(1, 2, 3)), x_hat.max(axis=(1, 2, 3)))[:, None, None, None]
     span = np.where(hi > lo, hi - lo, 1.0)
     pairs = np.concatenate([(x - lo) / span, (x_hat - lo) / span], axis=2)  # side by side
-    return _to_uint8(np.kron(_grid(pairs, border_value=1.0), np.ones((scale, scale, 1))))
+    return enlarge(_grid(_to_uint8(pairs), border=255), scale)
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
