@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,11 +18,12 @@ import pytest
 import tensorflow as tf
 
 from preprocessing.errors import UserError
+from tests.helpers import ok, run, tails
 from tests.test_losses import numpy_cost_and_grads
 from trainer import distribute
 from trainer.config import apply_overrides, preset
 from trainer.loop import evaluate_metrics
-from trainer.model import SparseAutoencoder, build_model
+from trainer.model import NONFINITE_LOSS, SparseAutoencoder, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,24 +94,14 @@ print("RESULT " + json.dumps({"task": task(), "cases": out}))
 """
 
 
-def _run_script(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+def _replicas(args: list[str]) -> dict:
+    """The JSON that _REPLICA_SCRIPT prints, run with `args` in a fresh process."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
     env.pop("TF_CONFIG", None)
-    env.update(env_extra or {})
-    return subprocess.Popen(
-        [sys.executable, "-c", _REPLICA_SCRIPT, *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def _result(proc: subprocess.Popen) -> dict:
-    try:
-        out, err = proc.communicate(timeout=540)  # 4 cases x 2 runs: minutes on a busy machine
-    except subprocess.TimeoutExpired:  # e.g. a worker waiting for a peer that died
-        proc.kill()
-        out, err = proc.communicate()
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"replica subprocess failed:\n{err[-4000:]}"
+    # 4 cases x 2 runs: minutes on a busy machine.
+    r = ok(run([sys.executable, "-c", _REPLICA_SCRIPT, *args], timeout=540, cwd=ROOT, env=env))
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, tails(r.stdout, r.stderr)
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -130,7 +120,7 @@ def _assert_same_run(one: dict, many: dict, replicas: int) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_one_and_two_mirrored_replicas_train_identically():
-    result = _result(_run_script(["mirrored", "2", "base,variants,bn_after,patches", "4"]))
+    result = _replicas(["mirrored", "2", "base,variants,bn_after,patches", "4"])
     for name, (one, two) in result["cases"].items():
         assert one["eval"]["eval_examples"] == 70, name
         _assert_same_run(one, two, replicas=2)
@@ -394,5 +384,5 @@ def test_ufldl_normalization_learns_the_whole_set_std(digits):
 def test_nan_loss_fails_loudly():
     model = build_model(apply_overrides(preset("tiny"), ["learning_rate=1e30", "optimizer=sgd"]))
     ds = tf.data.Dataset.from_tensor_slices(_images(64, (8, 8, 1))).batch(32).repeat()
-    with pytest.raises(tf.errors.InvalidArgumentError, match="sparse autoencoder loss"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=NONFINITE_LOSS):
         model.fit(ds, epochs=1, steps_per_epoch=5, verbose=0)

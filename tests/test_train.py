@@ -563,6 +563,9 @@ def test_corrupt_shard_and_nan_loss_fail_with_one_clear_line(data_dir, tmp_path)
     assert "NaN" in line and "the last good checkpoint is kept" in line, line
     kept = re.search(r"checkpoint is kept: (\S+);", line).group(1)
     assert kept == tf.train.latest_checkpoint(str(tmp_path / "w-nan" / "checkpoints"))
+    # One step per call: the line names the step, and the checkpoint kept is the one before.
+    bad_step = int(re.search(r"NaN/Inf in step (\d+);", line).group(1))
+    assert kept.endswith(f"ckpt-{bad_step - 1}"), (bad_step, kept)
     reader = tf.train.load_checkpoint(kept)
     for name in reader.get_variable_to_shape_map():
         if name.startswith("model/w"):

@@ -37,6 +37,8 @@ from trainer.config import TrainConfig, dead_units
 
 SATURATED_RHO_HAT = 0.9  # a unit is saturated when rho_hat_j > this
 L0_THRESHOLD = 0.5  # an activation counts as "on" above this
+# The message of train_step's check of the loss (tf.errors.InvalidArgumentError).
+NONFINITE_LOSS = "sparse autoencoder loss"
 
 
 def images_of(data):
@@ -240,7 +242,7 @@ class SparseAutoencoder(keras.Model):
             replica_loss, terms, rho_hat, _, count = self.cost(images, training=True)
             # The identity, except under float16's LossScaleOptimizer (which unscales).
             scaled_loss = self.optimizer.scale_loss(replica_loss)
-        tf.debugging.check_numerics(terms.total, "sparse autoencoder loss")
+        tf.debugging.check_numerics(terms.total, NONFINITE_LOSS)
         # Keras's optimizer all-reduces (SUMs) these over replicas before applying them.
         grads = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))

@@ -165,8 +165,8 @@ def _fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Trains (or resumes) and returns the final eval metrics."""
+def run(argv: Sequence[str] | None = None) -> artifacts.Metrics:
+    """Trains (or resumes) and returns the final eval metrics (also in WORKDIR/metrics.json)."""
     args = make_parser().parse_args(argv)
     from trainer import config as config_lib
 
@@ -275,12 +275,11 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
             tb_dir=join(workdir, "tensorboard") if chief else None,
             verbose=args.verbose,
         )
-    except tf.errors.InvalidArgumentError as e:
-        if "sparse autoencoder loss" not in e.message:
-            raise
+    except loop.NonFiniteLoss as e:
         kept = tf.train.latest_checkpoint(join(workdir, "checkpoints"))
+        steps = f"step {e.first}" if e.first == e.last else f"steps {e.first}-{e.last}"
         raise UserError(
-            f"the loss became NaN/Inf near step {int(optimizer.iterations.numpy())}; "
+            f"the loss became NaN/Inf in {steps}; "
             + (f"the last good checkpoint is kept: {kept}" if kept else "no checkpoint was saved")
             + "; lower learning_rate (--set learning_rate=...) and rerun with a new --workdir",
             exit_code=EXIT_NAN,
@@ -302,19 +301,17 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
 
     # Printed by every worker: equal fingerprints show the workers ended in sync.
     print(f"train: step {step}, weights fingerprint {_fingerprint(model)}", flush=True)
-    metrics = loop.evaluate_metrics(model, eval_ds, evaluate)
-    metrics.update(step=step, train_seconds=round(time.time() - start, 2))
-    rho_hat = metrics.pop("rho_hat")
+    values = loop.evaluate_metrics(model, eval_ds, evaluate)
+    rho_hat = values.pop("rho_hat")
+    values["train_seconds"] = round(time.time() - start, 2)
+    metrics = artifacts.Metrics(values, step, tuple(rho_hat.round(5).tolist()))
     info = artifacts.ExportInfo(
         cfg, cfg.input_shape, tuple(manifest.label_names), manifest.root, step
     )
     # Every worker saves (the save may run collectives); only the chief's copy is kept.
     export.save(_float32(model), join(out_dir, "export"), info)
     if chief:
-        values = {k: v for k, v in metrics.items() if k != "step"}
-        artifacts.write_metrics(
-            workdir, artifacts.Metrics(values, step, tuple(rho_hat.round(5).tolist()))
-        )
+        artifacts.write_metrics(workdir, metrics)
         storage.publish(
             join(workdir, artifacts.FILTERS),
             visualize.png_bytes(visualize.filter_grid(model.w1.numpy(), cfg.input_shape)),
@@ -329,7 +326,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> di
         print(
             "train: eval "
             + ", ".join(
-                f"{k} {metrics[k]:.4g}"
+                f"{k} {values[k]:.4g}"
                 for k in (
                     "loss",
                     "reconstruction",
