@@ -21,7 +21,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from preprocessing import storage
 from preprocessing.errors import ArgumentParser, UserError
@@ -132,9 +132,41 @@ def compare_and_swap(root: str, token: int | str, version: str) -> bool:
 # Versions.
 # ----------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Verdict:
+    """verdict.json: what `sae retrain`'s gate decided for one version, and why.
+
+    candidate / current: the gate metrics (`retrain.evaluate_export`) of the new model and
+    of the model it was compared with (None for the first model); gate: the thresholds."""
+
+    version: str
+    promoted: bool
+    reasons: tuple[str, ...]
+    compared_with: str | None
+    candidate: dict[str, float]
+    current: dict[str, float] | None
+    gate: dict[str, float]
+    eval_data: str
+    data: str
+    decided_at: str  # UTC, ISO 8601
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "reasons": list(self.reasons)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Verdict:
+        return cls(**{**d, "reasons": tuple(d["reasons"])})
+
+
+def read_verdict(version_dir: str) -> Verdict | None:
+    """A version's verdict, or None while its retrain runs (or if it died before deciding)."""
+    d = storage.read_json_if_exists(join(version_dir, VERDICT))
+    return None if d is None else Verdict.from_dict(d)
+
+
+@dataclass(frozen=True)
 class Version:
     name: str
-    verdict: dict | None  # None while its retrain is running (or if it died)
+    verdict: Verdict | None  # None while its retrain is running (or if it died)
     rolled_back: bool
 
 
@@ -151,7 +183,7 @@ def versions(root: str) -> list[Version]:
     return [
         Version(
             n,
-            storage.read_json_if_exists(join(base, n, VERDICT)),
+            read_verdict(join(base, n)),
             storage.exists(join(base, n, ROLLED_BACK)),
         )
         for n in names
@@ -186,7 +218,7 @@ def rollback(root: str, to: str | None = None) -> str:
         earlier = [
             v.name for v in versions(root)
             if v.name < current and not v.rolled_back and v.verdict
-            and v.verdict.get("promoted") and has_export(root, v.name)
+            and v.verdict.promoted and has_export(root, v.name)
         ]  # fmt: skip
         if not earlier:
             raise UserError(
@@ -199,13 +231,13 @@ def rollback(root: str, to: str | None = None) -> str:
         raise UserError(f"CURRENT of {root} changed during the rollback; retry", exit_code=1)
     storage.publish_json(
         join(root.rstrip("/"), "versions", current, ROLLED_BACK),
-        {"rolled_back_to": to, "at": _now()},
+        {"rolled_back_to": to, "at": utc_now()},
     )
     print(f"models: rolled back CURRENT {current} -> {to}")
     return to
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -244,19 +276,18 @@ def run(argv: Sequence[str] | None = None) -> list[Version] | str | None:
     current, _ = read_current(root)
     listed = versions(root)
     for v in listed:
-        verdict = v.verdict or {}
+        verdict = v.verdict
         state = (
             "rolled back"
             if v.rolled_back
-            else "promoted"
-            if verdict.get("promoted")
-            else "rejected"
-            if v.verdict
             else "incomplete"
+            if verdict is None
+            else "promoted"
+            if verdict.promoted
+            else "rejected"
         )
-        reasons = "; ".join(verdict.get("reasons", []))
-        metrics = verdict.get("candidate", {})
-        recon = metrics.get("reconstruction")
+        reasons = "; ".join(verdict.reasons) if verdict else ""
+        recon = verdict.candidate.get("reconstruction") if verdict else None
         print(
             f"{'*' if v.name == current else ' '} {v.name}  {state:<11}"
             + (f"  reconstruction {recon:.4g}" if recon is not None else "")

@@ -20,7 +20,6 @@ as `sae preprocess` / `sae train`.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -155,8 +154,8 @@ def make_parser() -> ArgumentParser:
     return p
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Returns the verdict."""
+def run(argv: Sequence[str] | None = None) -> models.Verdict:
+    """Returns the verdict (also written to the version's verdict.json)."""
     args, passthrough = make_parser().parse_known_args(argv)
     storage.check_access(
         reads=[("--data", args.data), ("--eval-data", args.eval_data)],
@@ -205,22 +204,22 @@ def run(argv: Sequence[str] | None = None) -> dict:
             "CURRENT changed during evaluation (another promotion won); rerun to "
             "compare against the new model"
         )
-    verdict = {
-        "version": version,
-        "promoted": promoted,
-        "reasons": reasons or ["passed the gate"],
-        "compared_with": current,
-        "candidate": candidate,
-        "current": incumbent,
-        "gate": asdict(gate),
-        "eval_data": eval_data,
-        "data": data,
-        "decided_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    storage.publish_json(join(vdir, models.VERDICT), verdict)
+    verdict = models.Verdict(
+        version=version,
+        promoted=promoted,
+        reasons=tuple(reasons or ["passed the gate"]),
+        compared_with=current,
+        candidate=candidate,
+        current=incumbent,
+        gate=asdict(gate),
+        eval_data=eval_data,
+        data=data,
+        decided_at=models.utc_now(),
+    )
+    storage.publish_json(join(vdir, models.VERDICT), verdict.to_dict())
     print(
         f"retrain: {version} {'PROMOTED' if promoted else 'not promoted'}: "
-        f"{'; '.join(verdict['reasons'])}",
+        f"{'; '.join(verdict.reasons)}",
         flush=True,
     )
     return verdict

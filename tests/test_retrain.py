@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
-import tensorflow as tf
 
 from pipeline import models, retrain
 from preprocessing.errors import UserError
@@ -52,29 +50,28 @@ def _sae(*args: str) -> subprocess.CompletedProcess:
     return sae(*args, timeout=600)
 
 
-def _retrain(data: str, root: str, *sets: str) -> dict:
+def _retrain(data: str, root: str, *sets: str) -> models.Verdict:
     args = ["retrain", "--data", data, "--models-root", root, "--preset", "digits"]
     for s in sets:
         args += ["--set", s]
     r = _sae(*args, *["--set", "checkpoint_every_steps=0"])
     assert r.returncode == 0, r.stderr[-3000:]
     version = next(ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("retrain: 2"))
-    with tf.io.gfile.GFile(f"{root}/versions/{version}/{models.VERDICT}") as f:
-        return json.load(f)
+    return models.read_verdict(f"{root}/versions/{version}")
 
 
 def _scenario(digits: str, root: str) -> None:
     """First model promoted; a worse candidate never; extract follows CURRENT."""
     first = _retrain(digits, root, "epochs=3")
-    assert first["promoted"] and first["current"] is None
-    assert models.read_current(root)[0] == first["version"]
+    assert first.promoted and first.current is None
+    assert models.read_current(root)[0] == first.version
     worse = _retrain(digits, root, "epochs=1", "steps_per_epoch=3")
-    assert not worse["promoted"] and worse["compared_with"] == first["version"]
-    assert worse["candidate"]["reconstruction"] > worse["current"]["reconstruction"]
-    assert any("worse than the current model" in r for r in worse["reasons"])
-    assert models.read_current(root)[0] == first["version"]  # unchanged
+    assert not worse.promoted and worse.compared_with == first.version
+    assert worse.candidate["reconstruction"] > worse.current["reconstruction"]
+    assert any("worse than the current model" in r for r in worse.reasons)
+    assert models.read_current(root)[0] == first.version  # unchanged
     export, version = models.resolve(root)
-    assert version == first["version"] and export.endswith(f"{version}/export")
+    assert version == first.version and export.endswith(f"{version}/export")
 
 
 @pytest.mark.slow
@@ -86,9 +83,9 @@ def test_retrain_local_promotes_good_never_worse_and_operators(digits, tmp_path)
     listed = _sae("models", "list", "--models-root", root)
     assert listed.returncode == 0 and listed.stdout.count("\n") == 3
     current_line = next(ln for ln in listed.stdout.splitlines() if ln.startswith("*"))
-    assert (warm["version"] if warm["promoted"] else first) in current_line
+    assert (warm.version if warm.promoted else first) in current_line
     # Operators: promote the rejected one by hand, then roll back.
-    rejected = next(v.name for v in models.versions(root) if not v.verdict["promoted"])
+    rejected = next(v.name for v in models.versions(root) if not v.verdict.promoted)
     assert _sae("models", "promote", "--models-root", root, rejected).returncode == 0
     assert models.read_current(root)[0] == rejected
     r = _sae("models", "rollback", "--models-root", root, "--to", first)
@@ -118,9 +115,9 @@ def test_retrain_warm_start_continues_from_the_current_weights(digits, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warm start from" in r.stdout
     version = next(ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("retrain: 2"))
-    verdict = json.loads((Path(root) / "versions" / version / models.VERDICT).read_text())
+    verdict = models.read_verdict(f"{root}/versions/{version}")
     # 3 steps from scratch are far worse (see _scenario); from the current weights they are not.
-    assert verdict["candidate"]["reconstruction"] < 1.5 * first["candidate"]["reconstruction"]
+    assert verdict.candidate["reconstruction"] < 1.5 * first.candidate["reconstruction"]
 
 
 @pytest.mark.slow
