@@ -299,6 +299,13 @@ def test_cli_end_to_end_writes_every_artifact_and_learns(data_dir, trained):
     for run in (train_runs, val_runs):
         plugin, events = run["epoch_loss"]
         assert plugin == "scalars" and [s for s, _ in events] == list(range(cfg.epochs))
+    # Each epoch's wall seconds and the share of them inside the training calls.
+    for tag in ("epoch_seconds", "epoch_training_share"):
+        plugin, events = train_runs[tag]
+        assert plugin == "scalars" and [s for s, _ in events] == list(range(cfg.epochs)), tag
+    seconds = [float(v) for _, v in train_runs["epoch_seconds"][1]]
+    shares = [float(v) for _, v in train_runs["epoch_training_share"][1]]
+    assert all(t > 0 for t in seconds) and all(0 < f <= 1 for f in shares), (seconds, shares)
     first, last = float(train_runs["epoch_loss"][1][0][1]), float(val_runs["epoch_loss"][1][-1][1])
     # Keras's validation loss is the mean of per-batch costs, kept as loss_batch_mean.
     assert last == pytest.approx(metrics["loss_batch_mean"], rel=1e-5) and last < first

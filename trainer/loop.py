@@ -20,7 +20,10 @@ Checkpoints: `tf.train.CheckpointManager` numbered by the step (the loop's own c
 `step`, in the checkpoint: an optimizer skipping an overflowing float16 step does not count
 it, but that step consumed its batch). Every worker saves (the other workers into their
 scratch folder); only the chief writes TensorBoard events:
-  WORKDIR/tensorboard/train/       epoch_<term> (the epoch's means), epoch_learning_rate
+  WORKDIR/tensorboard/train/       epoch_<term> (the epoch's means), epoch_learning_rate,
+                                   epoch_seconds (from the previous epoch's end: its
+                                   evaluation and checkpoint included), epoch_training_share
+                                   (the part of them inside training calls)
                   validation/      epoch_<term>, epoch_dead_fraction, ... of each evaluation
                   units/           batch_<term> (the epoch's running means, every log_every_steps),
                                    eval_rho_hat (histogram) and filters (image) per evaluation
@@ -304,7 +307,11 @@ def run(
     summaries = _Summaries(tb_dir)
     every_ckpt, every_log = cfg.checkpoint_every_steps, cfg.log_every_steps
     clock = time.monotonic
-    last_save = last_eval = epoch_start = clock()
+    # An epoch's seconds run from the previous epoch's end (its scalars) to this one's, so
+    # they hold the previous epoch's evaluation and checkpoint; in_steps: the part of them
+    # spent inside training calls.
+    last_save = last_eval = epoch_mark = clock()
+    in_steps = 0.0
     step = start_step
     for m in model.metrics:
         m.reset_state()
@@ -334,6 +341,7 @@ def run(
                 requests[CHECKPOINT] = bool(secs) and clock() - last_save >= secs
                 secs = cfg.eval_every_seconds
                 requests[EVALUATE] = bool(secs) and clock() - last_eval >= secs
+                called = clock()
                 try:
                     logs, agreed = train(iterator, tf.constant(num_steps), tf.constant(requests))
                     agreed = agreed.numpy()
@@ -342,6 +350,7 @@ def run(
                         raise
                     raise NonFiniteLoss(step + 1, step + num_steps) from None
                 before, step = step, step + num_steps
+                in_steps += clock() - called
 
                 means = {k: float(v) for k, v in logs.items()}
                 if every_log and step // every_log > before // every_log:
@@ -352,7 +361,11 @@ def run(
                 if step % steps_per_epoch == 0:
                     epoch = step // steps_per_epoch - 1
                     lr = float(tf.convert_to_tensor(model.optimizer.learning_rate))
-                    summaries.scalars("train", "epoch_", {**means, "learning_rate": lr}, epoch)
+                    seconds = clock() - epoch_mark
+                    timing = {"seconds": seconds, "training_share": in_steps / seconds}
+                    epoch_mark, in_steps = clock(), 0.0
+                    values = {**means, "learning_rate": lr, **timing}
+                    summaries.scalars("train", "epoch_", values, epoch)
                     line = f"train: epoch {epoch + 1}/{cfg.epochs}, step {step}: {_line(means)}"
                     if not cfg.eval_every_seconds or agreed[EVALUATE] or step == total:
                         ev = evaluate(dist_eval)
@@ -365,8 +378,8 @@ def run(
                     for m in model.metrics:
                         m.reset_state()
                     if verbose:
-                        print(f"{line} ({clock() - epoch_start:.1f} s)", flush=True)
-                    epoch_start = clock()
+                        share = f"{timing['training_share']:.0%} in training steps"
+                        print(f"{line} ({seconds:.1f} s, {share})", flush=True)
 
                 epoch_end = step % steps_per_epoch == 0 and not cfg.checkpoint_every_seconds
                 if (

@@ -192,7 +192,7 @@ def run(argv: Sequence[str] | None = None) -> artifacts.Metrics:
         ) from None
 
 
-def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> dict:
+def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> artifacts.Metrics:
     from trainer import cluster, distribute
 
     cluster.ensure_tf_config()  # on a Kubernetes Indexed Job: TF_CONFIG from its environment
