@@ -153,14 +153,21 @@ class Verdict:
         return {**asdict(self), "reasons": list(self.reasons)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Verdict:
-        return cls(**{**d, "reasons": tuple(d["reasons"])})
+    def from_dict(cls, d: dict, where: str = VERDICT) -> Verdict:
+        try:
+            return cls(**{**d, "reasons": tuple(d["reasons"])})
+        except (KeyError, TypeError) as e:
+            raise UserError(
+                f"{where} is not a sae-pipeline verdict ({type(e).__name__}: {e}); "
+                "rerun `sae retrain`, or delete that version folder"
+            ) from None
 
 
 def read_verdict(version_dir: str) -> Verdict | None:
     """A version's verdict, or None while its retrain runs (or if it died before deciding)."""
-    d = storage.read_json_if_exists(join(version_dir, VERDICT))
-    return None if d is None else Verdict.from_dict(d)
+    path = join(version_dir, VERDICT)
+    d = storage.read_json_if_exists(path)
+    return None if d is None else Verdict.from_dict(d, path)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,21 @@ def test_concurrent_promotions_exactly_one_wins_on_gcs(gcs_prefix):
     assert models.compare_and_swap(root, token, "next") and models.read_current(root)[0] == "next"
 
 
+def test_verdict_round_trips_and_a_broken_one_is_one_clear_error(tmp_path):
+    v = models.Verdict(
+        version="v1", promoted=False, reasons=("worse than the current model",),
+        compared_with="v0", candidate=dict(GOOD), current=None, gate={"rho_tolerance": 0.3},
+        eval_data="d", data="d", decided_at=models.utc_now(),
+    )  # fmt: skip
+    (tmp_path / models.VERDICT).write_text(json.dumps(v.to_dict()))
+    assert models.read_verdict(str(tmp_path)) == v
+    assert models.read_verdict(str(tmp_path / "running")) is None
+    broken = {k: val for k, val in v.to_dict().items() if k != "candidate"}
+    (tmp_path / models.VERDICT).write_text(json.dumps(broken))
+    with pytest.raises(UserError, match="verdict.json is not a sae-pipeline verdict"):
+        models.read_verdict(str(tmp_path))
+
+
 def _sae(*args: str) -> subprocess.CompletedProcess:
     return sae(*args, timeout=600)
 
