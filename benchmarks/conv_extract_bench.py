@@ -114,9 +114,10 @@ def loop(mode: str, data_dir: str, export_dir: str, grid: int, stride: int, limi
     t_start = time.perf_counter()
     import tensorflow as tf
 
-    from pipeline import models, pooled
+    from pipeline import pooled
+    from trainer import artifacts
 
-    info = models.export_info(export_dir)
+    info = artifacts.read_export_info(export_dir)
     model = tf.saved_model.load(export_dir)
     k = info.image_shape[0]
     pooling = pooled.Pooling(grid, "mean", stride, k, info.config.hidden)

@@ -186,14 +186,15 @@ def direct_loop(data_dir: str, export_dir: str, output: str, formats: list[str])
     t_start = time.perf_counter()
     import tensorflow as tf
 
-    from pipeline import extract, models
+    from pipeline import extract
     from pipeline import feature_records as fr
     from preprocessing import manifest as manifest_lib
     from preprocessing import records, wire
+    from trainer import artifacts
 
     data = manifest_lib.load(data_dir)
     shape = data.image_shape
-    info = models.export_info(export_dir)
+    info = artifacts.read_export_info(export_dir)
     rho, dim = info.config.rho, info.config.hidden
     encode = tf.saved_model.load(export_dir).signatures["encode"]
     startup = time.perf_counter() - t_start

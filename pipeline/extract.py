@@ -54,6 +54,7 @@ from preprocessing import manifest as manifest_lib
 from preprocessing.decode import Example
 from preprocessing.errors import EXIT_BAD_INPUT, EXIT_TOO_MANY_ERRORS, ArgumentParser, UserError
 from preprocessing.manifest import ERRORS_FILE, MANIFEST_NAME, absolute, join
+from trainer import artifacts
 from trainer.config import dead_units
 
 STAGING_PREFIX = ".staging-"
@@ -519,7 +520,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if not formats or set(formats) - set(FORMATS):
         raise UserError(f"invalid --format {args.format!r}: use tfrecord, parquet or both")
     export_dir, version = models.resolve(absolute(args.model))
-    info = models.export_info(export_dir)
+    info = artifacts.read_export_info(export_dir)
     shape, rho, hidden = info.image_shape, info.config.rho, info.config.hidden
     # A pooled value is a unit's mean rate over a region, not one activation: a threshold at
     # rho keeps about half of them and drops what tells the regions apart (pipeline/pooled.py).

@@ -177,11 +177,6 @@ class Version:
     rolled_back: bool
 
 
-def export_info(export_dir: str) -> artifacts.ExportInfo:
-    """The config, image shape and label names stored beside a SavedModel export."""
-    return artifacts.read_export_info(export_dir)
-
-
 def versions(root: str) -> list[Version]:
     """All versions under ROOT/versions (each starts with its config.json), oldest first."""
     base = join(root.rstrip("/"), "versions")

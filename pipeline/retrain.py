@@ -75,9 +75,9 @@ def evaluate_export(
     """
     import tensorflow as tf
 
-    from trainer import data
+    from trainer import artifacts, data
 
-    info = models.export_info(export_dir)
+    info = artifacts.read_export_info(export_dir)
     dataset = manifest_lib.load(data_root)
     patch_size = info.config.patch_size  # a patch model sees windows
     if patch_size:

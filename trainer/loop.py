@@ -361,9 +361,10 @@ def run(
                 if step % steps_per_epoch == 0:
                     epoch = step // steps_per_epoch - 1
                     lr = float(tf.convert_to_tensor(model.optimizer.learning_rate))
-                    seconds = clock() - epoch_mark
+                    now = clock()
+                    seconds = now - epoch_mark
                     timing = {"seconds": seconds, "training_share": in_steps / seconds}
-                    epoch_mark, in_steps = clock(), 0.0
+                    epoch_mark, in_steps = now, 0.0
                     values = {**means, "learning_rate": lr, **timing}
                     summaries.scalars("train", "epoch_", values, epoch)
                     line = f"train: epoch {epoch + 1}/{cfg.epochs}, step {step}: {_line(means)}"
