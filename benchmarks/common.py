@@ -7,8 +7,8 @@ sys.path, so they `import common` (no package, no `python -m`).
 
 A report starts with {benchmark, command, machine, load_avg_start} (`start_report`) and ends
 with {load_avg_end, total_seconds} (`finish_report`, which also prints it and writes --out).
-`measure` returns, for one subprocess: seconds, cpu_seconds, background_cores, peak_rss_mb,
-peak_rss_main_mb, peak_processes, process_names, stdout and command.
+`measure` returns, for one subprocess: seconds, cpu_seconds, background_cores, steal_cores,
+peak_rss_mb, peak_rss_main_mb, peak_processes, process_names, stdout and command.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def cpu_seconds(who: int) -> float:
 
 
 def busy_cpu_seconds() -> float:
-    """Machine-wide non-idle CPU seconds since boot, summed over cores."""
+    """Machine-wide non-idle CPU seconds since boot, summed over cores (steal included)."""
     import psutil
 
     t = psutil.cpu_times()
@@ -126,6 +126,15 @@ def busy_cpu_seconds() -> float:
         - getattr(t, "guest", 0.0)
         - getattr(t, "guest_nice", 0.0)
     )
+
+
+def steal_seconds() -> float:
+    """CPU seconds since boot, summed over cores, that the hypervisor ran other guests while
+    this machine's cores wanted to run: a benchmark's slow runs here went with 0.2-0.5 cores
+    of it, which no process on this machine shows."""
+    import psutil
+
+    return getattr(psutil.cpu_times(), "steal", 0.0)
 
 
 def _tree_rss(proc) -> list[tuple[int, str, int]]:
@@ -151,7 +160,7 @@ def measure(cmd: list[str], logdir: Path, name: str) -> dict:
 
     logdir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = logdir / f"{name}.stdout", logdir / f"{name}.stderr"
-    cpu0, busy0 = cpu_seconds(resource.RUSAGE_CHILDREN), busy_cpu_seconds()
+    cpu0, busy0, steal0 = cpu_seconds(resource.RUSAGE_CHILDREN), busy_cpu_seconds(), steal_seconds()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=quiet_env())
@@ -171,7 +180,7 @@ def measure(cmd: list[str], logdir: Path, name: str) -> dict:
                 continue
         seconds = time.perf_counter() - t0
     cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0
-    busy = busy_cpu_seconds() - busy0
+    busy, steal = busy_cpu_seconds() - busy0, steal_seconds() - steal0
     if proc.returncode != 0:
         tail = err_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{name} exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
@@ -183,6 +192,7 @@ def measure(cmd: list[str], logdir: Path, name: str) -> dict:
         # Cores kept busy by everything else on the machine meanwhile (steal time included):
         # near 0 for a clean measurement; on a shared machine it explains slow runs.
         "background_cores": round(max(0.0, busy - cpu) / seconds, 2),
+        "steal_cores": round(steal / seconds, 2),  # the part of background_cores that is steal
         "peak_rss_mb": round(peak / 2**20, 1),
         "peak_rss_main_mb": round(peak_main / 2**20, 1),
         "peak_processes": peak_procs,
@@ -221,6 +231,7 @@ def measured_run(unit: str, n: int, m: dict, extra: dict, done: str) -> dict:
         f"{unit}_per_s": round(n / m["seconds"], 1),
         "cpu_seconds": m["cpu_seconds"],
         "background_cores": m["background_cores"],
+        "steal_cores": m["steal_cores"],
         "peak_rss_mb": m["peak_rss_mb"],
         "peak_rss_main_mb": m["peak_rss_main_mb"],
         "peak_processes": m["peak_processes"],
@@ -232,7 +243,7 @@ def measured_run(unit: str, n: int, m: dict, extra: dict, done: str) -> dict:
         f"  {r['seconds']} s ({r['cpu_seconds']} CPU-s), {r[f'{unit}_per_s']} {unit}/s, peak "
         f"{r['peak_rss_mb']} MB over {r['peak_processes']} processes (main "
         f"{r['peak_rss_main_mb']} MB), {done}; other work on the machine kept "
-        f"{r['background_cores']} cores busy"
+        f"{r['background_cores']} cores busy ({r['steal_cores']} of them stolen by the host)"
     )
     return r
 

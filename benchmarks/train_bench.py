@@ -18,7 +18,8 @@ For each model size (`--sizes`, default 784x256 and 64x25; global batch 256) it:
    b, ...; each is reported by its median run (`repeats`, `examples_per_s_all`) and their
    ratio is the median of the back-to-back pairs' ratios, because single runs on this shared
    machine swung it by +-20% (the machine's speed drifts over seconds); a_sae_cli runs in the
-   same rounds (a, b, cli, a, b, cli, ...) and is paired with a the same way. The TF
+   same rounds (a, b, cli, a, b, cli, ...) and each of its runs is set against the geometric
+   mean of the (a) runs before and after it (the last against the one before). The TF
    contenders other than a_sae_cli run in this process, one after another:
      input_pipeline_only  `trainer.data.train_stream` iterated alone, no model: the most the
                      input pipeline can deliver here (and the CPU it needs to do so).
@@ -67,13 +68,16 @@ Output: progress on stderr, one JSON object on stdout (and in --out FILE):
   sizes["784x256"].runs[NAME] = {examples_per_s (median), min, max, epoch_seconds [timed],
       warmup_seconds, cores_used (this process's CPU / wall over the timed epochs: the input
       pipeline's threads show here), background_cores (CPU other work used meanwhile; near 0
-      for a clean number), what}; a skipped contender is {"skipped": "why"}, a failed one
+      for a clean number), steal_cores (the part of it the hypervisor gave to other guests:
+      runs here were 20-80% slower with 0.2-0.5 cores of steal and no other process), what};
+      a skipped contender is {"skipped": "why"}, a failed one
       {"failed": "why"}.
   sizes[...].ratio_a_over_b    a_sae_stream / b_in_memory     target >= 0.95 (input never starves):
                                the median over the back-to-back pairs (ratio_a_over_b_pairs)
   sizes[...].ratio_a_over_d    a_sae_stream / the faster torch loop   target > 1
   sizes[...].ratio_a_cli_over_a   a_sae_cli / a_sae_stream     target >= 0.9 (the command's
-                               per-epoch work costs under 10%): median over the rounds' pairs
+                               per-epoch work costs under 10%): the median over the command's
+                               runs, each against the (a) runs around it
   sizes[...].cli_training_share   the same question asked inside the command, free of the
                                machine's drift between two processes: the share of each timed
                                epoch's wall seconds that `sae train` spent in its training calls
@@ -125,6 +129,7 @@ from common import (
     run_interleaved,
     sae_command,
     start_report,
+    steal_seconds,
 )
 
 BATCH = 256
@@ -211,40 +216,59 @@ def epoch_rates(seconds: list[float], steps: int) -> dict:
     }
 
 
-def summarize(epoch_seconds: list[float], steps: int, cpu: float, busy: float, what: str) -> dict:
-    """Epoch 0 is the warm-up; the rest are timed. cpu/busy: CPU seconds over the timed epochs."""
-    warmup, timed = epoch_seconds[0], epoch_seconds[1:]
-    wall = sum(timed)
-    return {
-        **epoch_rates(timed, steps),
-        "warmup_seconds": round(warmup, 3),
-        "cores_used": round(cpu / wall, 2),
-        "background_cores": round(max(0.0, busy - cpu) / wall, 2),
-        "what": what,
-    }
+class EpochMeter:
+    """Per epoch (`start()` ... `stop()`): wall seconds, this process's CPU, and the machine's
+    busy CPU and steal over it."""
+
+    def __init__(self):
+        self.epochs: list[tuple[float, float, float, float]] = []
+
+    @staticmethod
+    def _now() -> tuple[float, float, float, float]:
+        return (
+            time.perf_counter(),
+            cpu_seconds(resource.RUSAGE_SELF),
+            busy_cpu_seconds(),
+            steal_seconds(),
+        )
+
+    def start(self) -> None:
+        self._t = self._now()
+
+    def stop(self) -> None:
+        self.epochs.append(tuple(b - a for a, b in zip(self._t, self._now(), strict=True)))
+
+    def summary(self, steps: int, what: str) -> dict:
+        """Epoch 0 is the warm-up; the rest are timed."""
+        seconds = [e[0] for e in self.epochs]
+        warmup, timed = seconds[0], seconds[1:]
+        wall = sum(timed)
+        cpu, busy, steal = (sum(e[i] for e in self.epochs[1:]) for i in (1, 2, 3))
+        return {
+            **epoch_rates(timed, steps),
+            "warmup_seconds": round(warmup, 3),
+            "cores_used": round(cpu / wall, 2),
+            "background_cores": round(max(0.0, busy - cpu) / wall, 2),
+            "steal_cores": round(steal / wall, 2),
+            "what": what,
+        }
 
 
 def _epoch_timer():
     import keras
 
     class EpochTimer(keras.callbacks.Callback):
-        """Wall time and process CPU of each epoch, and machine-wide busy CPU."""
+        """An EpochMeter around each epoch of `fit`."""
 
         def __init__(self):
             super().__init__()
-            self.seconds, self.cpu, self.busy = [], [], []
+            self.meter = EpochMeter()
 
         def on_epoch_begin(self, epoch, logs=None):
-            self._t = (time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), busy_cpu_seconds())
+            self.meter.start()
 
         def on_epoch_end(self, epoch, logs=None):
-            t, c, b = self._t
-            self.seconds.append(time.perf_counter() - t)
-            self.cpu.append(cpu_seconds(resource.RUSAGE_SELF) - c)
-            self.busy.append(busy_cpu_seconds() - b)
-
-        def summary(self, steps: int, what: str) -> dict:
-            return summarize(self.seconds, steps, sum(self.cpu[1:]), sum(self.busy[1:]), what)
+            self.meter.stop()
 
     return EpochTimer()
 
@@ -252,7 +276,7 @@ def _epoch_timer():
 def run_fit(model, data, steps: int, epochs: int, what: str, **fit_kwargs) -> dict:
     timer = _epoch_timer()
     model.fit(data, epochs=1 + epochs, callbacks=[timer], verbose=0, **fit_kwargs)
-    r = timer.summary(steps, what)
+    r = timer.meter.summary(steps, what)
     _log_rate(r)
     return r
 
@@ -260,7 +284,8 @@ def run_fit(model, data, steps: int, epochs: int, what: str, **fit_kwargs) -> di
 def _log_rate(r: dict, name: str = "") -> None:
     log(
         f"  {name}{r['examples_per_s']:.0f} examples/s (min {r['min']:.0f}, max {r['max']:.0f}), "
-        f"{r['cores_used']} cores used, background {r['background_cores']} cores"
+        f"{r['cores_used']} cores used, background {r['background_cores']} cores "
+        f"(steal {r['steal_cores']})"
     )
 
 
@@ -284,19 +309,17 @@ def run_loop(cfg, dataset, steps: int, epochs: int, what: str) -> dict:
     train = loop.train_function(model, strategy)
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
     no_requests = tf.zeros(3)
-    seconds, cpu, busy = [], [], []
+    meter = EpochMeter()
     for _ in range(1 + epochs):
-        t, c, b = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), busy_cpu_seconds()
+        meter.start()
         done = 0
         while done < steps:
             n = min(cfg.steps_per_execution, steps - done)
             logs, _ = train(iterator, tf.constant(n), no_requests)
             done += n
         float(logs["loss"])
-        seconds.append(time.perf_counter() - t)
-        cpu.append(cpu_seconds(resource.RUSAGE_SELF) - c)
-        busy.append(busy_cpu_seconds() - b)
-    r = summarize(seconds, steps, sum(cpu[1:]), sum(busy[1:]), what)
+        meter.stop()
+    r = meter.summary(steps, what)
     _log_rate(r)
     return r
 
@@ -314,16 +337,14 @@ def bench_input_only(cfg, manifest, steps: int, epochs: int) -> dict:
     from trainer import data
 
     it = iter(data.train_stream(manifest, cfg.global_batch_size, cfg.seed))
-    seconds, cpu, busy = [], [], []
+    meter = EpochMeter()
     for _ in range(1 + epochs):
-        t, c, b = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), busy_cpu_seconds()
+        meter.start()
         for _ in range(steps):
             next(it)
-        seconds.append(time.perf_counter() - t)
-        cpu.append(cpu_seconds(resource.RUSAGE_SELF) - c)
-        busy.append(busy_cpu_seconds() - b)
+        meter.stop()
     what = "trainer.data.train_stream iterated alone (no model): the input pipeline's ceiling"
-    r = summarize(seconds, steps, sum(cpu[1:]), sum(busy[1:]), what)
+    r = meter.summary(steps, what)
     _log_rate(r)
     return r
 
@@ -374,10 +395,12 @@ def bench_sae_cli(n: int, overrides, data_dir: Path, workdir: Path, steps: int, 
     cmd = [sae_command(), "train", "--data", str(data_dir), "--workdir", str(run_dir)]
     cmd += ["--preset", preset_for(n), *(a for item in sets for a in ("--set", item))]
     cmd += ["--verbose", "0"]
-    cpu0, busy0, t0 = cpu_seconds(resource.RUSAGE_CHILDREN), busy_cpu_seconds(), time.perf_counter()
+    cpu0, busy0, steal0 = cpu_seconds(resource.RUSAGE_CHILDREN), busy_cpu_seconds(), steal_seconds()
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, env=quiet_env())
     wall = time.perf_counter() - t0
     cpu, busy = cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0, busy_cpu_seconds() - busy0
+    steal = steal_seconds() - steal0
     ends, shares = {}, {}
     for path in sorted((run_dir / "tensorboard" / "train").glob("events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
@@ -406,12 +429,14 @@ def bench_sae_cli(n: int, overrides, data_dir: Path, workdir: Path, steps: int, 
         # Over the whole run (start-up, final eval and export included), not per epoch.
         "cores_used": round(cpu / wall, 2),
         "background_cores": round(max(0.0, busy - cpu) / wall, 2),
+        "steal_cores": round(steal / wall, 2),
         "what": "`sae train` subprocess; epoch = interval between epoch-end TensorBoard events",
         "command": " ".join(cmd),
     }
     log(
         f"  {r['examples_per_s']:.0f} examples/s (min {r['min']:.0f}, max {r['max']:.0f}); "
-        f"whole run {wall:.1f} s, background {r['background_cores']} cores"
+        f"whole run {wall:.1f} s, background {r['background_cores']} cores "
+        f"(steal {r['steal_cores']})"
     )
     return r
 
@@ -485,9 +510,9 @@ def torch_worker(spec: dict) -> dict:
         model = SparseAutoencoder()
         opt = torch.optim.Adam(model.parameters(), lr=spec["learning_rate"])
         it = batches()
-        seconds, cpus, busys = [], [], []
+        meter = EpochMeter()
         for _ in range(1 + epochs):
-            t, c, b = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), busy_cpu_seconds()
+            meter.start()
             total = 0.0
             for _ in range(steps):
                 x = next(it)
@@ -497,12 +522,10 @@ def torch_worker(spec: dict) -> dict:
                 loss.backward()
                 opt.step()
                 total += loss.item()
-            seconds.append(time.perf_counter() - t)
-            cpus.append(cpu_seconds(resource.RUSAGE_SELF) - c)
-            busys.append(busy_cpu_seconds() - b)
+            meter.stop()
             if not math.isfinite(total):
                 raise SystemExit(f"{name}: the loss became {total}")
-        results[name] = summarize(seconds, steps, sum(cpus[1:]), sum(busys[1:]), what)
+        results[name] = meter.summary(steps, what)
         results[name]["final_epoch_mean_loss"] = round(total / steps, 4)
     results["torch_threads"] = torch.get_num_threads()
     return results
@@ -603,10 +626,13 @@ def bench_size(n: int, s: int, args, workdir: Path) -> dict:
     torch_rates = [r for r in (_rate(runs, "d_torch"), _rate(runs, "d_torch_dataloader")) if r]
     d = max(torch_rates) if torch_rates else None
     a_over_b, a_over_d = round(statistics.median(pairs), 3), ratio(a, d)
-    # The whole command against its own loop, paired by round as a / b are.
+    # The whole command against its own loop, each command run against the (a) runs right
+    # before and after it (this round's and the next one's): a drift of the machine's speed
+    # across the round then cancels to first order.
+    a_rates = [r["examples_per_s"] for r in repeated["a_sae_stream"]]
     cli_pairs = [
-        rc["examples_per_s"] / ra["examples_per_s"]
-        for ra, rc in zip(repeated["a_sae_stream"], repeated.get("a_sae_cli", []), strict=False)
+        rc["examples_per_s"] / math.sqrt(a_rates[i] * a_rates[min(i + 1, len(a_rates) - 1)])
+        for i, rc in enumerate(repeated.get("a_sae_cli", []))
         if "examples_per_s" in rc
     ]
     cli_over_a = round(statistics.median(cli_pairs), 3) if cli_pairs else None
