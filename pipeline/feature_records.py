@@ -42,7 +42,7 @@ class FeatureRecord:
 def encode(r: FeatureRecord) -> bytes:
     features: dict[str, wire.FeatureValue] = {
         "key": r.key.encode("utf-8"),
-        "indices": np.asarray(r.indices, np.int64).tolist(),
+        "indices": np.asarray(r.indices, np.int64),
         "values": np.asarray(r.values, np.float32),
         "dim": [r.dim],
         "split": r.split.encode(),

@@ -19,7 +19,8 @@ import numpy as np
 
 _BYTE = [bytes([i]) for i in range(0x80)]
 
-# A feature value: bytes -> BytesList; ints -> Int64List; float32 array -> FloatList.
+# A feature value: bytes -> BytesList; ints (a list or an int array) -> Int64List; float32
+# array -> FloatList.
 FeatureValue = bytes | list[int] | np.ndarray
 
 
@@ -42,7 +43,10 @@ def _varints(values) -> bytes:
     """Packed varints of int64 values; vectorized for long lists (feature indices)."""
     if len(values) < 16:
         return b"".join(_varint(int(v)) for v in values)
-    v = np.asarray(values, np.int64).view(np.uint64)[:, None]
+    v = np.asarray(values, np.int64)
+    if v.min() >= 0 and v.max() < 1 << 14:
+        return _small_varints(v)
+    v = v.view(np.uint64)[:, None]
     shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
     groups = (v >> shifts) & np.uint64(0x7F)  # 7-bit groups, least significant first
     nonzero = (v >> shifts) != 0
@@ -50,6 +54,17 @@ def _varints(values) -> bytes:
     position = np.arange(10)[None, :]
     more = (position < nbytes[:, None] - 1).astype(np.uint64) * np.uint64(0x80)
     return (groups | more).astype(np.uint8)[position < nbytes[:, None]].tobytes()
+
+
+def _small_varints(v: np.ndarray) -> bytes:
+    """Packed varints of int64 values in [0, 2**14), one or two bytes each: the feature
+    indices of every model up to 16,384 units. A dense row of 1,600 indices took 1.1 ms by
+    the general path, more than its whole record's other work."""
+    two = v >= 0x80
+    pairs = np.empty((len(v), 2), np.uint8)
+    pairs[:, 0] = (v & 0x7F) | (two << 7)  # low 7 bits, continuation bit if a second byte
+    pairs[:, 1] = v >> 7
+    return pairs[np.stack([np.ones_like(two), two], axis=1)].tobytes()
 
 
 def _len_field(number: int, payload: bytes) -> bytes:

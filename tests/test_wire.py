@@ -17,6 +17,8 @@ from preprocessing import wire
         {"f": np.array([0.5, -1e30, np.inf, 3.25], np.float32), "i": []},
         {"key": "ünïcode/ключ".encode(), "i": [2**63 - 1]},
         {"i": [0, 1, 127, 128, 300, 2**14, 2**35, 2**63 - 1, -1, -(2**40)] * 5},  # vectorized
+        {"i": [0, 1, 127, 128, 129, 255, 256, 2**14 - 1] * 4},  # 1-2 bytes each (indices)
+        {"i": list(range(1600))},  # a dense row's indices
     ],
 )
 def test_example_bytes_parse_with_tensorflow(features):
@@ -30,6 +32,10 @@ def test_example_bytes_parse_with_tensorflow(features):
             np.testing.assert_array_equal(np.array(f.float_list.value, np.float32), value)
         else:
             assert list(f.int64_list.value) == value
+            # An int64 array (what feature records pass) encodes as its list does.
+            assert wire.example_bytes({name: np.array(value, np.int64)}) == wire.example_bytes(
+                {name: value}
+            )
 
 
 def test_tfrecord_frames_read_by_tensorflow_with_crc_checks(tmp_path):
