@@ -69,7 +69,7 @@ Output: progress on stderr, one JSON object on stdout (and in --out FILE):
       warmup_seconds, cores_used (this process's CPU / wall over the timed epochs: the input
       pipeline's threads show here), background_cores (CPU other work used meanwhile; near 0
       for a clean number), steal_cores (the part of it the hypervisor gave to other guests:
-      runs here were 20-80% slower with 0.2-0.5 cores of steal and no other process), what};
+      runs here took up to 2.7x as long with steal and no other process running), what};
       a skipped contender is {"skipped": "why"}, a failed one
       {"failed": "why"}.
   sizes[...].ratio_a_over_b    a_sae_stream / b_in_memory     target >= 0.95 (input never starves):
