@@ -5,9 +5,10 @@
 
 What `sae train` logs (trainer/loop.py): `train/` and `validation/` with `epoch_<term>` per
 epoch (x = epoch index, the layout of Keras's TensorBoard callback, and for `train/` also
-`epoch_learning_rate`); `units/` with `batch_<term>` at the step about every
-log_every_steps steps. `cost_curves` puts them on one x axis, the
-optimizer step: epoch e ends at step (e + 1) * steps_per_epoch.
+`epoch_learning_rate`, `epoch_seconds` and `epoch_training_share`); `units/` with
+`batch_<term>` at the step about every log_every_steps steps. `cost_curves` keeps the
+COST_TERMS of them (not the learning rate, timing or unit statistics) and puts them on one x
+axis, the optimizer step: epoch e ends at step (e + 1) * steps_per_epoch.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def read_scalars(tb_dir: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
 def cost_curves(
     scalars: dict[str, dict[str, list[tuple[int, float]]]], steps_per_epoch: int
 ) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """term -> {"train (batches)": ..., "train (epoch mean)": ..., "eval": ...} against the
-    optimizer step, for each term in COST_TERMS that was logged."""
+    """term -> {"train batches": ..., "train epochs": ..., "eval": ...}, each [(step,
+    value)] against the optimizer step, for each term in COST_TERMS that was logged (series
+    with no points left out)."""
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for term in COST_TERMS:
         series = {

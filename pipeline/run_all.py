@@ -158,7 +158,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     recon = storage.read_bytes(join(train_dir, artifacts.RECONSTRUCTIONS))
     dash = dashboards.compute(join(train_dir, "export"), data, max_images=args.dashboard_images)
     tb = curves.read_scalars(join(train_dir, "tensorboard"))
-    per_epoch = data_lib.steps_per_epoch(dataset, cfg.global_batch_size, cfg.steps_per_epoch)
+    per_epoch = data_lib.steps_per_epoch(dataset, cfg)
     html = report.run_report(
         summary,
         filters,

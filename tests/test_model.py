@@ -39,6 +39,7 @@ strategy = make_strategy(sys.argv[1], cpu_replicas=int(sys.argv[2]))
 import numpy as np, tensorflow as tf
 from trainer import loop
 from trainer.config import apply_overrides, preset
+from trainer.lbfgs import LBFGS
 from trainer.model import SparseAutoencoder, compile_model, make_optimizer
 
 CASES = {
@@ -48,6 +49,8 @@ CASES = {
     "bn_after": ["batch_norm=after"],
     # Random 4x4 windows of the 8x8 images, drawn per step as trainer.data does, and ZCA.
     "patches": ["input_shape=4,4,1", "patch_size=4", "zca_epsilon=0.01", "decoder=linear"],
+    # Full-batch L-BFGS: every step is one iteration on all 70 images (35 per replica).
+    "lbfgs": ["optimizer=lbfgs", "normalization=ufldl_patches"],
 }
 images = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 1), dtype=np.uint8)
 keys = [f"img-{i}" for i in range(70)]
@@ -56,14 +59,18 @@ def run(strategy, overrides, as_dict, steps_per_call):
     cfg = apply_overrides(preset("tiny"), ["optimizer=sgd", "learning_rate=0.1", *overrides])
     with strategy.scope():
         model = SparseAutoencoder(cfg)
-        compile_model(model, make_optimizer(cfg))
+        if cfg.optimizer == "lbfgs":
+            optimizer = LBFGS(model.trainable_variables, cfg.lbfgs_memory)
+        else:
+            optimizer = make_optimizer(cfg)
+            compile_model(model, optimizer)
     data = {"image": images, "key": keys} if as_dict else images
-    ds = tf.data.Dataset.from_tensor_slices(data).batch(cfg.global_batch_size)
+    ds = tf.data.Dataset.from_tensor_slices(data).batch(cfg.train_batch(len(images)))
     if cfg.patch_size:
         from trainer.data import random_patches
         ds = ds.enumerate().map(lambda i, x: random_patches(x, cfg.patch_size, tf.stack([i, i])))
         model.fit_zca(images[:, 2:6, 2:6])
-    train = loop.train_function(model, strategy)
+    train = loop.train_function(model, strategy, optimizer)
     iterator = iter(strategy.experimental_distribute_dataset(ds.repeat()))
     history = {}
     for _ in range(2):
@@ -120,7 +127,7 @@ def _assert_same_run(one: dict, many: dict, replicas: int) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_one_and_two_mirrored_replicas_train_identically():
-    result = _replicas(["mirrored", "2", "base,variants,bn_after,patches", "4"])
+    result = _replicas(["mirrored", "2", "base,variants,bn_after,patches,lbfgs", "4"])
     for name, (one, two) in result["cases"].items():
         assert one["eval"]["eval_examples"] == 70, name
         _assert_same_run(one, two, replicas=2)

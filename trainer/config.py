@@ -14,18 +14,20 @@ Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value 
                    about 85% of the variance is explained, and a linear probe on the sparse
                    features is as accurate as on the raw pixels (README).
   mnist            The UFLDL exercise: 28x28 MNIST, 784 -> 196, rho 0.1, lambda 3e-3, beta 3
-                   (pixels / 255); 3,000 Adam steps at global batch 256, about 200 passes over
-                   builtin:mnist's 3,748 train images (--eval-fraction 0.25). Measured
-                   2026-12-01 on 2 shared cores: 105 s for the command, eval mean rho_hat 0.106,
-                   no dead units, 66% of the variance explained; the filters are mostly whole
-                   digit templates with some stroke pieces, not UFLDL's pen strokes yet (that
-                   exercise had 10,000 images and L-BFGS). Still to tune: Adam at 1e-2, batch
-                   512 (3,000 steps, eval J 13.4, 69% explained) gives more stroke pieces and
-                   fewer templates; a SciPy L-BFGS of the same cost on 3,750 of these images,
-                   400 iterations from the same initialization (train J 11.9, 16 min on the busy
-                   cores), still gives a mix of strokes and templates (2026-12-01); so does
-                   the same L-BFGS on all 5,000 images (train J 12.1, 400 iterations in 164 s on
-                   the quiet cores), with more arcs and bars than Adam's but whole digits too.
+                   (pixels / 255); 12,000 Adam steps at 3e-3, global batch 256, about 800
+                   passes over builtin:mnist's 3,748 train images (--eval-fraction 0.25).
+                   Measured 2026-12-02 on 2 CPU cores: 87 s of training, eval J 13.1, mean
+                   rho_hat 0.107, no dead units, 70% of the variance explained; the filters are
+                   pen strokes (bars, arcs, hooks) with a few whole-digit templates left
+                   (README). Training longer is what made them strokes: at 3,000 steps (eval J
+                   14.0) most were templates, and 24,000 steps (eval J 12.9) look like 12,000.
+                   Tried and not better (2026-12-02, SciPy L-BFGS, 200-400 iterations on all
+                   5,000 images): lambda 1e-2 or rho 0.05 give cleaner whole-digit templates,
+                   lambda 1e-3 / 3e-4 or rho 0.2 noisier mixes, tied weights and a linear
+                   decoder no strokes either. Full-batch L-BFGS (`--set optimizer=lbfgs --set
+                   epochs=4 --set steps_per_epoch=50`: 200 iterations, 85 s) reaches a lower J
+                   in the same time (eval 12.96) but leaves more templates than Adam's
+                   minibatch noise does.
   mnist-conv       8x8 windows of builtin:mnist (patch_size 8), 64 -> 400, rho 0.05, beta 3,
                    lambda 3e-3, ZCA whitening with epsilon 1 and the linear decoder (UFLDL's
                    linear-decoder exercise), Adam at 1e-2; 3,000 steps at global batch 1024 (one
@@ -71,7 +73,7 @@ from preprocessing.errors import UserError
 Decoder = Literal["sigmoid", "linear"]
 BatchNorm = Literal["none", "before", "after"]
 Normalization = Literal["unit", "ufldl_patches"]
-Optimizer = Literal["adam", "sgd"]
+Optimizer = Literal["adam", "sgd", "lbfgs"]
 Precision = Literal["float32", "mixed_float16", "mixed_bfloat16"]
 
 
@@ -140,9 +142,17 @@ class TrainConfig:
     # lambda from the first ZCA_SAMPLES training inputs (trainer/train.py), stored in the model
     # (checkpoints, export). 0 = off. Whitened inputs are not in [0, 1]: use decoder=linear.
     zca_epsilon: float = 0.0
-    # Optimizer (UFLDL used full-batch L-BFGS; minibatch Adam is the scalable default).
+    # Optimizer: minibatch "adam" (the scalable default) or "sgd" at learning_rate, or
+    # "lbfgs", UFLDL's full-batch L-BFGS (trainer/lbfgs.py): every step is one iteration on
+    # the WHOLE train split (which must fit in memory, data.IN_MEMORY_BYTES), with its own
+    # line search, so learning_rate is unused and global_batch_size only sizes the eval
+    # batches and the ZCA sample. It needs the same cost at every step: whole images
+    # (patch_size 0), rho_hat_momentum 0, and float32.
     optimizer: Optimizer = "adam"
     learning_rate: float = 1e-2
+    # L-BFGS only: curvature pairs kept (minFunc's default is 100; each costs 2 x 4 bytes per
+    # weight in memory and in every checkpoint).
+    lbfgs_memory: int = 20
     # Examples per step over ALL replicas and workers; the per-replica batch is derived.
     global_batch_size: int = 256
     epochs: int = 10
@@ -217,6 +227,23 @@ class TrainConfig:
                 f"set input_shape={c.patch_size},{c.patch_size},C too",
             ),
             (c.zca_epsilon >= 0.0, "zca_epsilon", "a float >= 0 (0 = no whitening)"),
+            (c.lbfgs_memory >= 1, "lbfgs_memory", "an integer >= 1"),
+            (
+                c.optimizer != "lbfgs" or not c.patch_size,
+                "optimizer",
+                "adam or sgd with patch_size > 0 (random windows change the cost at every "
+                "step; lbfgs needs one fixed full batch)",
+            ),
+            (
+                c.optimizer != "lbfgs" or not c.rho_hat_momentum,
+                "optimizer",
+                "adam or sgd with rho_hat_momentum > 0 (lbfgs has no minibatch noise to smooth)",
+            ),
+            (
+                c.optimizer != "lbfgs" or c.precision == "float32",
+                "optimizer",
+                "adam or sgd with a mixed precision (lbfgs's line search needs float32)",
+            ),
             (
                 not c.zca_epsilon or c.normalization == "unit",
                 "zca_epsilon",
@@ -226,6 +253,11 @@ class TrainConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise UserError(f"invalid {key}={getattr(c, key)!r}: expected {expected}")
+
+    def train_batch(self, num_train: int) -> int:
+        """Examples per training step, given the train split's size: all of them for
+        lbfgs (full batch), else global_batch_size."""
+        return num_train if self.optimizer == "lbfgs" else self.global_batch_size
 
     def execution_steps(self, steps_per_epoch: int, start_step: int = 0) -> int:
         """Steps per function call: the largest k <= steps_per_execution dividing
@@ -297,8 +329,8 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     "mnist": TrainConfig(
         input_shape=(28, 28, 1), hidden=196, rho=0.1, beta=3.0, weight_decay=3e-3,
-        learning_rate=3e-3, global_batch_size=256, epochs=30, steps_per_epoch=100,
-        checkpoint_every_steps=1000,
+        learning_rate=3e-3, global_batch_size=256, epochs=30, steps_per_epoch=400,
+        checkpoint_every_steps=2000,
     ),
     "mnist-conv": TrainConfig(
         input_shape=(8, 8, 1), patch_size=8, hidden=400, rho=0.05, beta=3.0, weight_decay=3e-3,

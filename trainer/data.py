@@ -30,6 +30,8 @@ step may differ because FILE/DATA sharding assigns data per worker).
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from preprocessing import records
@@ -153,8 +155,7 @@ def train_stream(
             f"fewer than one global batch ({global_batch_size}); lower global_batch_size"
         )
     compression = manifest.compression
-    h, w, c = manifest.image_shape
-    in_memory = manifest.num_examples("train") * h * w * c <= IN_MEMORY_BYTES
+    in_memory = fits_in_memory(manifest, "train")
 
     first_epoch, skip = divmod(start_step, per_epoch)
     epochs = tf.data.Dataset.range(first_epoch, 2**62)
@@ -196,6 +197,11 @@ def train_stream(
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
 
 
+def fits_in_memory(manifest: Manifest, split: str) -> bool:
+    """Whether the split's uint8 pixels fit in IN_MEMORY_BYTES (then it is read once and kept)."""
+    return manifest.num_examples(split) * math.prod(manifest.image_shape) <= IN_MEMORY_BYTES
+
+
 def _read_all(manifest: Manifest, split: str) -> tf.Tensor:
     """Every record of a split, parsed: uint8 [N, H, W, C], in file order. Read shard by
     shard, so a shard holding other than the manifest's count is named."""
@@ -234,8 +240,11 @@ def eval_dataset(
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
 
 
-def steps_per_epoch(manifest: Manifest, global_batch_size: int, configured: int) -> int:
-    return configured or max(1, manifest.num_examples("train") // global_batch_size)
+def steps_per_epoch(manifest: Manifest, cfg) -> int:
+    """cfg.steps_per_epoch, or (0) the steps of one pass over the train split at the
+    config's training batch (one step for a full-batch lbfgs)."""
+    n = manifest.num_examples("train")
+    return cfg.steps_per_epoch or max(1, n // cfg.train_batch(n))
 
 
 def error_reason(e: tf.errors.OpError) -> str:

@@ -25,6 +25,8 @@ scratch folder); only the chief writes TensorBoard events:
                                    evaluation and checkpoint included), epoch_training_share
                                    (the part of them inside training calls)
                   validation/      epoch_<term>, epoch_dead_fraction, ... of each evaluation
+                                   (loss and sparsity over the whole split, as in
+                                   metrics.json; epoch_*_batch_mean: means of batch values)
                   units/           batch_<term> (the epoch's running means, every log_every_steps),
                                    eval_rho_hat (histogram) and filters (image) per evaluation
 train/ and validation/ are at x = the epoch index (the layout of Keras's TensorBoard
@@ -44,7 +46,7 @@ import tensorflow as tf
 from tensorboard.plugins.image import metadata as image_metadata
 
 from preprocessing.manifest import join
-from trainer import losses, visualize
+from trainer import lbfgs, losses, visualize
 from trainer.model import NONFINITE_LOSS, images_of
 
 # Requests a worker passes into a call, summed over replicas (see the module docstring).
@@ -59,14 +61,30 @@ def _first_local(strategy: tf.distribute.Strategy, values: dict) -> dict:
     return {k: strategy.experimental_local_results(v)[0] for k, v in values.items()}
 
 
-def train_function(model, strategy: tf.distribute.Strategy):
+def train_function(model, strategy: tf.distribute.Strategy, optimizer=None):
     """`train(iterator, num_steps, requests) -> (logs, agreed)`: runs num_steps >= 1 steps of
-    `model.train_step` on the distributed iterator. requests: float32 [3], this worker's
-    (STOP, CHECKPOINT, EVALUATE) flags; agreed: bool [3], whether any worker raised each.
-    logs: after the last step, the running means since the metrics' last reset."""
+    `model.train_step` on the distributed iterator, or with an `lbfgs.LBFGS` optimizer
+    num_steps L-BFGS iterations, each on one (full) batch. requests: float32 [3], this
+    worker's (STOP, CHECKPOINT, EVALUATE) flags; agreed: bool [3], whether any worker raised
+    each. logs: after the last step, the running means since the metrics' last reset."""
 
-    def one_step(iterator):
+    def keras_step(iterator):
         return _first_local(strategy, strategy.run(model.train_step, args=(next(iterator),)))
+
+    def first(value):
+        return strategy.experimental_local_results(value)[0]
+
+    def lbfgs_step(iterator):
+        batch = next(iterator)
+
+        def objective():
+            return tf.nest.map_structure(first, strategy.run(model.objective, args=(batch,)))
+
+        terms, rho_hat, count = optimizer.step(objective)
+        tf.debugging.check_numerics(terms.total, NONFINITE_LOSS)
+        return _first_local(strategy, strategy.run(model.record, args=(terms, rho_hat, count)))
+
+    one_step = lbfgs_step if isinstance(optimizer, lbfgs.LBFGS) else keras_step
 
     def agree(requests):
         # identity: a copy on this replica's device (MirroredStrategy reduces nothing else).
@@ -138,20 +156,25 @@ def evaluate_metrics(model, dataset, evaluate=None) -> dict:
     linear in the examples, so their example-weighted batch means are the split's values.
     `evaluate`: an `eval_function` to reuse (one is made for the model's strategy).
     """
-    cfg = model.config
     strategy = model.distribute_strategy
     evaluate = evaluate or eval_function(model, strategy)
-    logs = evaluate(strategy.experimental_distribute_dataset(dataset))
-    rho_hat = logs.pop("rho_hat")
-    out = {k: float(v) for k, v in logs.items()}
+    out = whole_split(model.config, evaluate(strategy.experimental_distribute_dataset(dataset)))
     out["eval_examples"] = int(out.pop("examples"))
-    kl = tf.reduce_sum(losses.kl_divergence(cfg.rho, tf.constant(rho_hat, tf.float64), cfg.eps))
+    return out
+
+
+def whole_split(cfg, logs: dict) -> dict:
+    """An `eval_function` result with `sparsity` and `loss` made the split's (see
+    `evaluate_metrics`) and the batch means kept as `*_batch_mean`; values as floats,
+    rho_hat [s] as it is."""
+    out = {k: v if k == "rho_hat" else float(v) for k, v in logs.items()}
+    rho_hat = tf.constant(out["rho_hat"], tf.float64)
+    kl = tf.reduce_sum(losses.kl_divergence(cfg.rho, rho_hat, cfg.eps))
     out["loss_batch_mean"] = out["loss"]
     out["sparsity_batch_mean"] = out["sparsity"]
     out["sparsity"] = cfg.beta * float(kl)
     linear = ("reconstruction", "weight_decay", "l1_activity")
     out["loss"] = sum(out.get(k, 0.0) for k in linear) + out["sparsity"]
-    out["rho_hat"] = rho_hat
     return out
 
 
@@ -227,11 +250,11 @@ class _Summaries:
     """The three TensorBoard runs; every method is a no-op without a folder (non-chief)."""
 
     def __init__(self, tb_dir: str | None):
-        names = ("train", "validation", "units") if tb_dir else ()
+        self.enabled = bool(tb_dir)
+        names = ("train", "validation", "units") if self.enabled else ()
         self.writers = {n: tf.summary.create_file_writer(join(tb_dir, n)) for n in names}
         self._scalars = {n: _compiled(w, _write_scalars) for n, w in self.writers.items()}
-        self._units = _compiled(self.writers["units"], _write_units) if tb_dir else None
-        self.enabled = bool(tb_dir)
+        self._units = _compiled(self.writers["units"], _write_units) if self.enabled else None
 
     def scalars(self, run: str, prefix: str, values: dict, step: int) -> None:
         if not self.enabled:
@@ -286,19 +309,23 @@ def run(
     verbose: int = 2,
     evaluate=None,
     keep_eval_in_memory: bool = False,
+    optimizer=None,
 ) -> Result:
     """Trains from `start_step` to cfg.epochs * steps_per_epoch (see the module docstring).
 
     stream: the batches from start_step on (infinite); eval_dataset: the batches of one
     evaluation; evaluate: an `eval_function` to reuse (else one is made); step_counter: the
     checkpointed step variable (assigned before each save); keep_eval_in_memory: read the
-    eval batches once and keep them (for eval sets that fit);
+    eval batches once and keep them (for eval sets that fit); optimizer: None for the model's
+    compiled Keras optimizer, or an `lbfgs.LBFGS` (its epoch `learning_rate` scalar is the
+    step size t it last accepted);
     tb_dir: the TensorBoard folder, None on non-chief workers; verbose: 0 silent, 1 a line
     every log_every_steps and per epoch, 2 a line per epoch. Raises NonFiniteLoss (from the
     check in `train_step`), else what the steps raise.
     """
     total = cfg.epochs * steps_per_epoch
-    train = train_function(model, strategy)
+    optimizer = optimizer or model.optimizer
+    train = train_function(model, strategy, optimizer)
     evaluate = evaluate or eval_function(model, strategy)
     iterator = iter(strategy.experimental_distribute_dataset(stream))
     dist_eval = strategy.experimental_distribute_dataset(eval_dataset)
@@ -360,7 +387,7 @@ def run(
 
                 if step % steps_per_epoch == 0:
                     epoch = step // steps_per_epoch - 1
-                    lr = float(tf.convert_to_tensor(model.optimizer.learning_rate))
+                    lr = float(tf.convert_to_tensor(optimizer.learning_rate))
                     now = clock()
                     seconds = now - epoch_mark
                     timing = {"seconds": seconds, "training_share": in_steps / seconds}
@@ -369,7 +396,7 @@ def run(
                     summaries.scalars("train", "epoch_", values, epoch)
                     line = f"train: epoch {epoch + 1}/{cfg.epochs}, step {step}: {_line(means)}"
                     if not cfg.eval_every_seconds or agreed[EVALUATE] or step == total:
-                        ev = evaluate(dist_eval)
+                        ev = whole_split(cfg, evaluate(dist_eval))
                         rho_hat = ev.pop("rho_hat")
                         ev.pop("examples")
                         summaries.scalars("validation", "epoch_", ev, epoch)

@@ -32,7 +32,7 @@ import math
 import keras
 import tensorflow as tf
 
-from trainer import losses
+from trainer import lbfgs, losses
 from trainer.config import TrainConfig, dead_units
 
 SATURATED_RHO_HAT = 0.9  # a unit is saturated when rho_hat_j > this
@@ -222,7 +222,9 @@ class SparseAutoencoder(keras.Model):
         )  # fmt: skip
         return replica_loss, terms, rho_hat, (x, a, x_hat), count
 
-    def _update_trackers(self, terms: losses.CostTerms, rho_hat, count) -> dict:
+    def record(self, terms: losses.CostTerms, rho_hat, count) -> dict:
+        """Adds a step's global cost terms to the running means (replica context); returns
+        the means."""
         values = {
             "loss": terms.total,
             "reconstruction": terms.reconstruction,
@@ -246,12 +248,24 @@ class SparseAutoencoder(keras.Model):
         # Keras's optimizer all-reduces (SUMs) these over replicas before applying them.
         grads = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
-        return self._update_trackers(terms, rho_hat, count)
+        return self.record(terms, rho_hat, count)
+
+    def objective(self, data):
+        """The full-batch objective of `trainer.lbfgs`, in replica context: (J [], dJ [P]
+        flattened in `trainable_variables` order, (CostTerms, rho_hat [s], count [])), all over
+        the GLOBAL batch and identical on every replica. The replica gradients sum to dJ
+        (trainer/losses.py), so their all-reduced sum is it."""
+        images = images_of(data)
+        with tf.GradientTape() as tape:
+            replica_loss, terms, rho_hat, _, count = self.cost(images, training=True)
+        grads = tape.gradient(replica_loss, self.trainable_variables)
+        loss, grad = losses.all_reduce_sum([replica_loss, lbfgs.flatten(grads)])
+        return loss, grad, (terms, rho_hat, count)
 
     def test_step(self, data):
         images = images_of(data)
         _, terms, rho_hat, (x, a, x_hat), count = self.cost(images, training=False)
-        logs = self._update_trackers(terms, rho_hat, count)
+        logs = self.record(terms, rho_hat, count)
         self.unit_stats.update_state(x, a, x_hat)
         return {**logs, **self.unit_stats.result()}
 
@@ -334,7 +348,10 @@ def _fraction(mask: tf.Tensor) -> tf.Tensor:
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     """The optimizer named by the config (create it inside the strategy's scope); under
     mixed_float16 wrapped in Keras's LossScaleOptimizer (dynamic loss scaling), which skips
-    the update of a step whose scaled gradients overflow."""
+    the update of a step whose scaled gradients overflow. Not for "lbfgs", which is no
+    Keras optimizer: `sae train` makes a `trainer.lbfgs.LBFGS` over the model's weights."""
+    if config.optimizer == "lbfgs":
+        raise ValueError("optimizer=lbfgs: use trainer.lbfgs.LBFGS(model.trainable_variables)")
     if config.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(config.learning_rate)
     else:

@@ -201,11 +201,19 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> ar
 
     import tensorflow as tf
 
-    from trainer import data, export, loop, visualize
+    from trainer import data, export, lbfgs, loop, visualize
     from trainer import model as model_lib
 
     data.check_shape(manifest, cfg.input_shape, cfg.patch_size)
     data.check_readable(manifest)
+    num_train = manifest.num_examples("train")
+    batch = cfg.train_batch(num_train)
+    if cfg.optimizer == "lbfgs" and not data.fits_in_memory(manifest, "train"):
+        raise UserError(
+            f"optimizer=lbfgs needs the train split in memory, but {manifest.root}'s "
+            f"{num_train} images are more than {data.IN_MEMORY_BYTES / 2**20:.3g} MiB of pixels; "
+            "use --set optimizer=adam"
+        )
     chief = distribute.is_chief()
     workdir = args.workdir.rstrip("/")
     # Non-chief workers take part in every collective save but write to scratch space.
@@ -218,9 +226,12 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> ar
 
     with strategy.scope():
         model = model_lib.SparseAutoencoder(cfg)
-        optimizer = model_lib.make_optimizer(cfg)
-        optimizer.build(model.trainable_variables)
-        model_lib.compile_model(model, optimizer)
+        if cfg.optimizer == "lbfgs":
+            optimizer = lbfgs.LBFGS(model.trainable_variables, cfg.lbfgs_memory)
+        else:
+            optimizer = model_lib.make_optimizer(cfg)
+            optimizer.build(model.trainable_variables)
+            model_lib.compile_model(model, optimizer)
     # The loop's own step (an optimizer may skip a step; the data stream does not).
     step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_counter)
@@ -234,11 +245,16 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> ar
         _fit_zca(model, manifest)
     # Checkpoints written before the step counter existed: the optimizer's count was it.
     step = int(step_counter.numpy()) or int(optimizer.iterations.numpy())
-    per_epoch = data.steps_per_epoch(manifest, cfg.global_batch_size, cfg.steps_per_epoch)
+    per_epoch = data.steps_per_epoch(manifest, cfg)
+    batching = (
+        f"L-BFGS on the full batch of {batch} (memory {cfg.lbfgs_memory})"
+        if cfg.optimizer == "lbfgs"
+        else f"global batch {batch}"
+    )
     print(
-        f"train: {manifest.num_examples('train')} train / {manifest.num_examples('eval')} eval "
+        f"train: {num_train} train / {manifest.num_examples('eval')} eval "
         f"examples, {strategy.num_replicas_in_sync} replica(s) "
-        f"({type(strategy).__name__}), global batch {cfg.global_batch_size}, "
+        f"({type(strategy).__name__}), {batching}, "
         f"{cfg.epochs} epochs x {per_epoch} steps, up to {cfg.steps_per_execution} per call"
         + (f", {cfg.precision}" if cfg.precision != "float32" else "")
         + (f"; resuming at step {step} from {latest}" if latest else ""),
@@ -250,15 +266,14 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> ar
     )
     if cfg.eval_batches:
         eval_ds = eval_ds.take(cfg.eval_batches)
-    h, w, c = manifest.image_shape
     # Read and parsed once when they fit: every evaluation (eval windows included) is the same.
-    eval_in_memory = manifest.num_examples("eval") * h * w * c <= data.IN_MEMORY_BYTES
+    eval_in_memory = data.fits_in_memory(manifest, "eval")
     evaluate = loop.eval_function(model, strategy)
     start = time.time()
     try:
         # Inside: a small train split is read whole here, and a corrupt shard fails the read.
         stream = data.train_stream(
-            manifest, cfg.global_batch_size, cfg.seed, start_step=step, patch_size=cfg.patch_size
+            manifest, batch, cfg.seed, start_step=step, patch_size=cfg.patch_size
         )
         result = loop.run(
             model,
@@ -268,6 +283,7 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> ar
             eval_dataset=eval_ds,
             evaluate=evaluate,
             keep_eval_in_memory=eval_in_memory,
+            optimizer=optimizer,
             manager=manager,
             step_counter=step_counter,
             start_step=step,
