@@ -16,18 +16,18 @@ Presets (`sae train --data DATASET --workdir RUN --preset NAME [--set key=value 
   mnist            The UFLDL exercise: 28x28 MNIST, 784 -> 196, rho 0.1, lambda 3e-3, beta 3
                    (pixels / 255); 12,000 Adam steps at 3e-3, global batch 256, about 800
                    passes over builtin:mnist's 3,748 train images (--eval-fraction 0.25).
-                   Measured 2026-12-02 on 2 CPU cores: 87 s of training, eval J 13.1, mean
+                   Measured 2026-12-02 on 2 CPU cores: 74 s of training, eval J 13.1, mean
                    rho_hat 0.107, no dead units, 70% of the variance explained; the filters are
                    pen strokes (bars, arcs, hooks) with a few whole-digit templates left
                    (README). Training longer is what made them strokes: at 3,000 steps (eval J
                    14.0) most were templates, and 24,000 steps (eval J 12.9) look like 12,000.
                    Tried and not better (2026-12-02, SciPy L-BFGS, 200-400 iterations on all
                    5,000 images): lambda 1e-2 or rho 0.05 give cleaner whole-digit templates,
-                   lambda 1e-3 / 3e-4 or rho 0.2 noisier mixes, tied weights and a linear
-                   decoder no strokes either. Full-batch L-BFGS (`--set optimizer=lbfgs --set
-                   epochs=4 --set steps_per_epoch=50`: 200 iterations, 85 s) reaches a lower J
-                   in the same time (eval 12.96) but leaves more templates than Adam's
-                   minibatch noise does.
+                   lambda 1e-3 / 3e-4 or rho 0.2 noisier mixes, tied weights digit outlines
+                   with strokes inside, a linear decoder noisy tiles. Full-batch L-BFGS
+                   (`--set optimizer=lbfgs --set epochs=4 --set steps_per_epoch=50`: 200
+                   iterations, 29 s of training) reaches a lower J sooner (eval 12.96) but
+                   leaves more whole-digit outlines than Adam's minibatch noise does.
   mnist-conv       8x8 windows of builtin:mnist (patch_size 8), 64 -> 400, rho 0.05, beta 3,
                    lambda 3e-3, ZCA whitening with epsilon 1 and the linear decoder (UFLDL's
                    linear-decoder exercise), Adam at 1e-2; 3,000 steps at global batch 1024 (one

@@ -321,7 +321,7 @@ def run(
     step size t it last accepted);
     tb_dir: the TensorBoard folder, None on non-chief workers; verbose: 0 silent, 1 a line
     every log_every_steps and per epoch, 2 a line per epoch. Raises NonFiniteLoss (from the
-    check in `train_step`), else what the steps raise.
+    check in `train_step` or after each L-BFGS iteration), else what the steps raise.
     """
     total = cfg.epochs * steps_per_epoch
     optimizer = optimizer or model.optimizer
