@@ -334,9 +334,12 @@ def _simulate(root: Path, *args: str) -> subprocess.Popen:
     return start([*_simulate_argv(root), *args], stderr=subprocess.STDOUT)
 
 
-# 4 epochs of 10 steps, a checkpoint at each epoch end; "Epoch 3/4" is printed after the
-# epoch-2 checkpoint.
-TRAIN_FLAGS = "--verbose 2 --set epochs=4 --set steps_per_epoch=10"
+# 4 epochs of 10 steps, a checkpoint at each epoch end and nowhere else (tiny's 5 would put
+# one 5 steps, some 50 ms, after the epoch-2 checkpoint: a kill on "Epoch 3/4", printed after
+# that one, then lost the race on a loaded machine and the run resumed at step 25). The next
+# checkpoint now comes after epoch 3's steps and its evaluation, seconds later.
+TRAIN_FLAGS = ("--verbose 2 --set epochs=4 --set steps_per_epoch=10 "
+               "--set checkpoint_every_steps=10")  # fmt: skip
 
 
 def _fingerprints(root: Path) -> list[str]:
