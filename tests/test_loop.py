@@ -185,3 +185,38 @@ def test_evaluation_and_checkpoints_by_steps_or_by_seconds(seconds, digits, tmp_
     assert _event_steps(tmp_path / "tb" / "units", "batch_loss") == [5, 8, 12, 16, 23, 24]
     saved = [int(p.rsplit("-", 1)[1]) for p in manager.checkpoints]
     assert saved == ([6, 8, 12, 16, 18, 24] if not seconds else [8, 16, 24])
+
+
+def test_a_converged_lbfgs_keeps_its_weights_and_the_epoch_line_says_so(digits, tmp_path, capsys):
+    from trainer import lbfgs
+
+    cfg = apply_overrides(preset("digits"), ["optimizer=lbfgs", "epochs=2", "steps_per_epoch=3"])
+    model = model_lib.SparseAutoencoder(cfg)
+    opt = lbfgs.LBFGS(model.trainable_variables, cfg.lbfgs_memory)
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model, optimizer=opt, step=step), str(tmp_path), max_to_keep=1
+    )
+    ds = tf.data.Dataset.from_tensor_slices(digits).batch(len(digits))  # the full batch
+
+    def run(start: int) -> None:
+        loop.run(
+            model, tf.distribute.get_strategy(), cfg, stream=ds.repeat(), eval_dataset=ds,
+            manager=manager, step_counter=step, start_step=start, steps_per_epoch=3,
+            tb_dir=None, verbose=2, optimizer=opt,
+        )  # fmt: skip
+
+    initial = _weights(model)
+    run(0)  # six iterations: the weights move, far from converged
+    first = capsys.readouterr().out
+    assert "converged" not in first and int(opt.iterations) == 6
+    assert not np.array_equal(_weights(model)[0], initial[0])
+    opt.converged.assign(True)  # as after two iterations without progress
+    before, evaluations = _weights(model), int(opt.evaluations)
+    cfg = apply_overrides(cfg, ["epochs=3"])
+    run(6)
+    out = capsys.readouterr().out
+    assert "train: epoch 3/3, step 9:" in out and "L-BFGS converged" in out, out
+    for a, b in zip(_weights(model), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(opt.evaluations) == evaluations + 3  # one per step, for the logs

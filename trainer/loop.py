@@ -403,6 +403,8 @@ def run(
                         summaries.units(rho_hat, model.w1.numpy(), cfg.input_shape, step)
                         last_eval = clock()
                         line += f"; eval loss {ev['loss']:.4g}"
+                    if isinstance(optimizer, lbfgs.LBFGS) and bool(optimizer.converged):
+                        line += "; L-BFGS converged (the weights no longer change)"
                     for m in model.metrics:
                         m.reset_state()
                     if verbose:
