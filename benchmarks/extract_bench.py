@@ -110,7 +110,7 @@ NUM_SHARDS = 8
 EVAL_FRACTION = 0.2  # sends exactly one photo's patches to the eval split
 BATCH = 256  # `sae extract --batch-size` default
 PARQUET_ROW_GROUP_BATCHES = 64
-MIN_ROWS = 1200  # 9/10 of it, the train split, must hold one batch of the mnist preset (1024)
+MIN_ROWS = 1200  # 9/10 of it, the train split, must hold one batch of the mnist preset (256)
 MODEL_SETS = ["input_shape=28,28,1", f"hidden={HIDDEN}", "epochs=1", "steps_per_epoch=20"]
 FORMATS_DEFAULT = "tfrecord,parquet"
 TARGET_RATIO = 0.8
