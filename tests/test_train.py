@@ -98,6 +98,20 @@ def _wait_for_checkpoint(workdir: Path, min_step: int, proc: subprocess.Popen) -
     pytest.fail(f"no checkpoint at step >= {min_step} within {TIMEOUT} s")
 
 
+def _killed_after_checkpoint(data, workdir: Path, *args: str) -> int:
+    """Starts a training run, SIGKILLs it once a checkpoint at step >= 10 exists; returns the
+    step of its last checkpoint (it wrote no metrics.json)."""
+    proc = _start(data, workdir, *args)
+    try:
+        _wait_for_checkpoint(workdir, 10, proc)
+        proc.kill()
+    finally:
+        _finish([proc], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "metrics.json").exists()
+    return _checkpoint_step(workdir)
+
+
 def _error_line(stderr: str) -> str:
     """The CLI's one-line error: exactly one such line, the last one, and no traceback."""
     assert "Traceback" not in stderr, stderr
@@ -397,17 +411,9 @@ def test_export_loads_without_project_code_and_matches_the_checkpoint(data_dir, 
 @pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(data_dir, trained, tmp_path):
     workdir = tmp_path / "run"
-    proc = _start(data_dir, workdir, *RUN)
-    try:
-        _wait_for_checkpoint(workdir, 10, proc)
-        proc.kill()
-    finally:
-        _finish([proc], timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (workdir / "metrics.json").exists()
+    kept = _killed_after_checkpoint(data_dir, workdir, *RUN)
     cfg = _config(workdir)
     total = cfg.epochs * cfg.steps_per_epoch
-    kept = _checkpoint_step(workdir)
     assert 10 <= kept < total
 
     r = _ok(_train(data_dir, workdir, *RUN))
@@ -531,14 +537,7 @@ def test_lbfgs_learns_monotonically_resumes_exactly_and_two_workers_agree(data_d
     # Killed after a checkpoint and rerun: the curvature pairs and the cached gradient are in
     # the checkpoint, so the resumed run computes the uninterrupted one's iterates, bitwise.
     workdir = tmp_path / "killed"
-    proc = _start(data_dir, workdir, *LBFGS_RUN)
-    try:
-        _wait_for_checkpoint(workdir, 10, proc)
-        proc.kill()
-    finally:
-        _finish([proc], timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    kept = _checkpoint_step(workdir)
+    kept = _killed_after_checkpoint(data_dir, workdir, *LBFGS_RUN)
     resumed = _ok(_train(data_dir, workdir, *LBFGS_RUN))
     assert f"resuming at step {kept} " in resumed.stdout, resumed.stdout
     assert _fingerprint(resumed.stdout) == _fingerprint(r.stdout)
