@@ -192,6 +192,30 @@ def test_model_cost_and_gradients_match_numpy_in_float64(decoder):
         np.testing.assert_allclose(grads[k].numpy(), g, rtol=1e-9, atol=1e-13, err_msg=k)
 
 
+def test_the_lbfgs_objective_is_the_numpy_cost_flattened_in_variable_order():
+    from trainer import lbfgs
+
+    cfg = apply_overrides(preset("tiny"), ["input_shape=4x4x1", "hidden=5", "optimizer=lbfgs"])
+    model = SparseAutoencoder(cfg, dtype="float64")
+    images = _images()
+    loss, grad, (terms, rho_hat, count) = model.objective(tf.constant(images))
+    params = {k: getattr(model, k).numpy() for k in ("w1", "b1", "w2", "b2")}
+    want, want_grads, _ = numpy_cost_and_grads(
+        images.reshape(10, -1) / 255.0, **params, decoder="sigmoid", rho=cfg.rho,
+        beta=cfg.beta, lam=cfg.weight_decay,
+    )  # fmt: skip
+    np.testing.assert_allclose(loss.numpy(), want, rtol=1e-12)
+    assert terms.total.numpy() == pytest.approx(want, rel=1e-12) and int(count) == 10
+    assert [v.path.split("/")[-1] for v in model.trainable_variables] == ["w1", "b1", "w2", "b2"]
+    flat = np.concatenate([want_grads[k].ravel() for k in ("w1", "b1", "w2", "b2")])
+    np.testing.assert_allclose(grad.numpy(), flat, rtol=1e-9, atol=1e-13)
+    # L-BFGS writes a flat vector back in the same order.
+    opt = lbfgs.LBFGS(model.trainable_variables, memory=2)
+    opt._assign(tf.constant(np.arange(flat.size, dtype=np.float64)))
+    np.testing.assert_array_equal(lbfgs.flatten(model.trainable_variables).numpy(),
+                                  np.arange(flat.size))  # fmt: skip
+
+
 def test_init_follows_ufldl_and_is_seeded():
     cfg = apply_overrides(preset("tiny"), ["input_shape=28,28,1", "hidden=196"])
     model = SparseAutoencoder(cfg)
