@@ -42,6 +42,15 @@ def _png(img: np.ndarray) -> bytes:
     return visualize.png_bytes(np.asarray(img, np.uint8))
 
 
+def percent(fraction: float) -> str:
+    """A rate as a percentage to 2 significant digits: 0.3%, 0.043%, 12%; a sparse unit's
+    rate of 0.0004 would print as 0.0% at a fixed one decimal."""
+    p = 100 * fraction
+    if p >= 10:
+        return f"{p:.0f}%"
+    return np.format_float_positional(p, precision=2, fractional=False, trim="-") + "%"
+
+
 def dashboards_html(dash: Dashboards, tile_px: int = 56) -> str:
     """One table row per unit: its index, firing rate and mean activation; its filter; its
     top-activating inputs with their activations (a tooltip names the image)."""
@@ -57,7 +66,7 @@ def dashboards_html(dash: Dashboards, tile_px: int = 56) -> str:
             for i, (x, a, key) in enumerate(tops)
         )  # fmt: skip
         rows.append(
-            f'<tr class="unit"><td><b>unit {u.index}</b><br>fires on {u.firing_rate:.1%}<br>'
+            f'<tr class="unit"><td><b>unit {u.index}</b><br>fires on {percent(u.firing_rate)}<br>'
             f"mean a {u.mean_activation:.3f}</td>"
             f"<td>{_img(_png(filter_tile(u.filter)), f'unit {u.index} filter', 'filter', tile_px)}"
             f'</td><td class="inputs">{inputs}<br><small>a = '

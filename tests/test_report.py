@@ -74,6 +74,15 @@ def test_dashboards_equal_a_brute_force_reference(data, tmp_path, patch):
         assert u.filter.shape == u.top_inputs.shape[1:]
 
 
+@pytest.mark.parametrize(
+    "fraction, text",
+    [(0.0, "0%"), (4e-4, "0.04%"), (0.003, "0.3%"), (0.0312, "3.1%"), (0.0999, "10%"),
+     (0.123, "12%"), (1.0, "100%"), (1e-7, "0.00001%")],
+)  # fmt: skip
+def test_firing_rates_print_two_significant_digits_and_no_exponent(fraction, text):
+    assert report.percent(fraction) == text
+
+
 def test_unit_selection_skips_dead_units_and_orders_by_firing():
     rate = np.array([0.9, 0.5, 0.7, 0.0, 0.5])
     mean = np.array([0.001, 0.3, 0.2, 0.0, 0.4])  # unit 0 and 3 are dead at rho 0.1
@@ -219,7 +228,7 @@ def test_the_report_is_valid_self_contained_html(data, tmp_path):
     inputs = [t for t in doc.tags if t[0] == "img" and t[1].get("class") == "top-input"]
     assert len(filters) == 4 and len(inputs) == 4 * 3
     for u in dash.units:
-        assert f"unit {u.index}" in text and f"{u.firing_rate:.1%}" in text
+        assert f"unit {u.index}" in text and f"fires on {report.percent(u.firing_rate)}" in text
     lines = [t[1]["points"].split() for t in doc.tags if t[0] == "polyline"]
     assert [len(p) for p in lines] == [3]
     assert any(t[0] == "circle" for t in doc.tags)  # the one-point eval series
