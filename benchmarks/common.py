@@ -248,6 +248,22 @@ def measured_run(unit: str, n: int, m: dict, extra: dict, done: str) -> dict:
     return r
 
 
+def load_train_images(data_dir: Path):
+    """(manifest, uint8 [N, H, W, C]): the whole train split of a `sae preprocess` output,
+    read once (untimed)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from preprocessing import manifest as manifest_lib
+    from preprocessing import records
+
+    manifest = manifest_lib.load(str(data_dir))
+    shape = manifest.image_shape
+    ds = tf.data.TFRecordDataset(manifest.shard_paths("train")).batch(4096)
+    parts = [records.parse_batch(b, shape)["image"].numpy() for b in ds]
+    return manifest, np.concatenate(parts)
+
+
 # ----------------------------------------------------------------------------
 # Command line, workdir and report.
 # ----------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from common import (
     add_repeats_arg,
     add_workdir_args,
     finish_report,
+    load_train_images,
     log,
     measure,
     median_run,
@@ -111,21 +112,11 @@ def scipy_loop(images_npy: str, iterations: int, out: str) -> None:
     }))  # fmt: skip
 
 
-def train_images(data_dir: str, path: Path) -> int:
-    """The train split's uint8 images into `path` (.npy), untimed; returns their number."""
-    import tensorflow as tf
-
-    from preprocessing import manifest as manifest_lib
-    from preprocessing import records
-
-    data = manifest_lib.load(data_dir)
-    ds = tf.data.TFRecordDataset(data.shard_paths("train")).batch(4096)
-    batches = [
-        b["image"].numpy() for b in ds.map(lambda t: records.parse_batch(t, data.image_shape))
-    ]
-    images = np.concatenate(batches)
+def train_images(data_dir: str, path: Path) -> np.ndarray:
+    """The train split's uint8 images, also saved to `path` (.npy) for the scipy contender."""
+    _, images = load_train_images(Path(data_dir))
     np.save(path, images)
-    return len(images)
+    return images
 
 
 def sae_weights_loss(workdir: Path, x: np.ndarray) -> dict:
@@ -177,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "--output", data, "--eval-fraction", "0.25"],
                                check=True, env=quiet_env())  # fmt: skip
         images_npy = workdir / "train-images.npy"
-        count = train_images(data, images_npy)
-        x = np.load(images_npy).reshape(count, -1).astype(np.float32) / 255.0
+        images = train_images(data, images_npy)
+        count = len(images)
+        x = images.reshape(count, -1).astype(np.float32) / 255.0
         log(f"{count} train images, {args.iterations} iterations, {args.repeats} repeats")
         logs = workdir / "logs"
         run_ids = itertools.count()

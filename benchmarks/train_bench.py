@@ -119,6 +119,7 @@ from common import (
     busy_cpu_seconds,
     cpu_seconds,
     finish_report,
+    load_train_images,
     log,
     make_patch_dataset,
     median_run,
@@ -185,20 +186,6 @@ def make_dataset(workdir: Path, side: int, examples: int) -> Path:
     if counts["eval"] == 0 or counts["train"] < examples:
         raise SystemExit(f"{out}: unexpected split sizes {counts}; the eval split hash changed?")
     return out
-
-
-def load_train_images(data_dir: Path):
-    """(manifest, uint8 [N, H, W, 1]): the whole train split, read once (untimed)."""
-    import tensorflow as tf
-
-    from preprocessing import manifest as manifest_lib
-    from preprocessing import records
-
-    manifest = manifest_lib.load(str(data_dir))
-    shape = manifest.image_shape
-    ds = tf.data.TFRecordDataset(manifest.shard_paths("train")).batch(4096)
-    parts = [records.parse_batch(b, shape)["image"].numpy() for b in ds]
-    return manifest, np.concatenate(parts)
 
 
 # ----------------------------------------------------------------------------
