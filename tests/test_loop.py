@@ -211,7 +211,7 @@ def test_a_converged_lbfgs_keeps_its_weights_and_the_epoch_line_says_so(digits, 
     first = capsys.readouterr().out
     assert "converged" not in first and int(opt.iterations) == 6
     assert not np.array_equal(_weights(model)[0], initial[0])
-    opt.converged.assign(True)  # as after two iterations without progress
+    opt.stalls.assign(2)  # as after two iterations without progress
     before, evaluations = _weights(model), int(opt.evaluations)
     cfg = apply_overrides(cfg, ["epochs=3"])
     run(6)

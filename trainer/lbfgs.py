@@ -99,7 +99,8 @@ class LBFGS(tf.Module):
     def __init__(self, params: list, memory: int, name: str = "lbfgs"):
         super().__init__(name=name)
         self.params = list(params)
-        size = sum(int(tf.size(p)) for p in self.params)
+        self._sizes = [int(tf.size(p)) for p in self.params]
+        size = sum(self._sizes)
         dtype = self.params[0].dtype
 
         def state(value, name):
@@ -112,14 +113,17 @@ class LBFGS(tf.Module):
         self.grad = state(tf.zeros([size], dtype), "grad")  # g at the current weights
         self.fresh = state(tf.constant(False), "fresh")  # loss/grad hold the current weights
         self.stalls = state(tf.constant(0, tf.int64), "stalls")  # iterations without progress
-        self.converged = state(tf.constant(False), "converged")  # see the module docstring
         self.iterations = state(tf.constant(0, tf.int64), "iterations")
         self.evaluations = state(tf.constant(0, tf.int64), "evaluations")
         self.learning_rate = state(tf.constant(0.0, dtype), "step_size")  # last accepted t
 
+    @property
+    def converged(self) -> tf.Tensor:
+        """Two iterations in a row without progress (see the module docstring)."""
+        return self.stalls >= 2
+
     def _assign(self, flat: tf.Tensor) -> None:
-        sizes = [int(tf.size(p)) for p in self.params]
-        for p, part in zip(self.params, tf.split(flat, sizes), strict=True):
+        for p, part in zip(self.params, tf.split(flat, self._sizes), strict=True):
             p.assign(tf.reshape(part, p.shape))
 
     def step(self, objective: Callable[[], tuple]):
@@ -199,6 +203,5 @@ class LBFGS(tf.Module):
             f1, g1, aux1 = evaluate()
             self.pairs.assign(0)
             self.stalls.assign_add(1)
-        self.converged.assign(self.stalls >= 2)
         self.fresh.assign(True)
         return aux1
