@@ -14,7 +14,10 @@ loses what tells the regions apart (builtin:mnist, the untuned mnist-conv model:
 
 Memory: a map is pooled inside the batch that made it, and a batch goes to `encode_map` in
 chunks of at most MAX_MAP_VALUES map values, so the peak stays bounded whatever the image
-size and the number of images.
+size and the number of images. An image whose map alone is larger goes in bands of whole map
+rows (the image rows their windows cover, so consecutive bands overlap by K - S rows): each
+band is reduced into the regions of the whole map by sum or max, the bands are added up or
+maxed, and sums become means by the regions' sizes at the end.
 """
 
 from __future__ import annotations
@@ -95,23 +98,52 @@ def check_fits(
 
 def pooled_encoder(encode_map, pooling: Pooling):
     """An `encode`-like callable over the SavedModel's `encode_map` signature:
-    f(images=uint8 [b, H, W, C]) -> {"activations": float32 [b, G*G*s]}, the images
-    sent in chunks of at most MAX_MAP_VALUES map values (at least one image)."""
+    f(images=uint8 [b, H, W, C]) -> {"activations": float32 [b, G*G*s]}, each `encode_map`
+    call given at most MAX_MAP_VALUES map values (or one map row, if that is more): chunks of
+    images, or bands of one image."""
+    import numpy as np
     import tensorflow as tf
 
     from trainer import conv
 
     stride = tf.constant(pooling.stride, tf.int32)
+    k, s, grid = pooling.window, pooling.stride, pooling.grid
 
     @tf.function(reduce_retracing=True)
     def pooled(images):
         maps = encode_map(images=images, stride=stride)["maps"]
-        return conv.pool_grid(maps, pooling.grid, pooling.op)
+        return conv.pool_grid(maps, grid, pooling.op)
+
+    band_op = "max" if pooling.op == "max" else "sum"
+
+    @tf.function(reduce_retracing=True)
+    def pooled_band(images, first_row, map_rows):
+        maps = encode_map(images=images, stride=stride)["maps"]
+        return conv.pool_grid(maps, grid, band_op, first_row, map_rows)
+
+    def in_bands(image, hp: int, wp: int):
+        """One image [1, H, W, C] -> [1, G*G*s], band by band of at most MAX_MAP_VALUES."""
+        rows = max(1, MAX_MAP_VALUES // (wp * pooling.hidden))  # map rows per band
+        combine = np.maximum if band_op == "max" else np.add
+        # Bands combined in float64: a region of a large map has 10^5 positions or more.
+        total = None
+        for first in range(0, hp, rows):
+            last = min(hp, first + rows)  # map rows first..last-1: image rows below
+            band = image[:, first * s : (last - 1) * s + k]
+            part = pooled_band(band, tf.constant(first), tf.constant(hp)).numpy()
+            total = part.astype(np.float64) if total is None else combine(total, part)
+        if pooling.op == "mean":
+            total = total / np.repeat(conv.region_sizes(hp, wp, grid), pooling.hidden)
+        return tf.constant(total, tf.float32)
 
     def encode(images):
-        hp, wp = map_size(images.shape[1], images.shape[2], pooling.window, pooling.stride)
-        chunk = max(1, MAX_MAP_VALUES // (hp * wp * pooling.hidden))
-        parts = [pooled(images[i : i + chunk]) for i in range(0, len(images), chunk)]
+        hp, wp = map_size(images.shape[1], images.shape[2], k, s)
+        per_image = hp * wp * pooling.hidden
+        if per_image > MAX_MAP_VALUES:
+            parts = [in_bands(images[i : i + 1], hp, wp) for i in range(len(images))]
+        else:
+            chunk = MAX_MAP_VALUES // per_image
+            parts = [pooled(images[i : i + chunk]) for i in range(0, len(images), chunk)]
         return {"activations": tf.concat(parts, axis=0)}
 
     return encode

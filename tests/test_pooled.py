@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import extract, features
+from pipeline import extract, features, pooled
 from preprocessing import manifest, records
 from tests.helpers import FAST, LABELLED_H, LABELLED_W
 from tests.helpers import sae as _cli
 from tests.test_conv import K, _naive_maps, _numpy_pool
 from trainer import export
 from trainer.config import apply_overrides, preset
+from trainer.conv import POOL_OPS
 from trainer.model import SparseAutoencoder
 
 H, W = LABELLED_H, LABELLED_W
@@ -87,6 +88,33 @@ def test_every_image_once_and_equal_to_a_numpy_reference(
     np.testing.assert_allclose(matrix.toarray(), _numpy_pool(maps, grid, op), rtol=1e-5, atol=1e-6)
     assert [want[k][0].label for k in keys] == list(labels)
     assert [want[k][1] for k in keys] == list(splits)
+
+
+@pytest.mark.parametrize("op", POOL_OPS)
+@pytest.mark.parametrize(("grid", "stride"), [(2, 1), (3, 3)])
+def test_an_image_too_big_for_one_call_goes_in_bands(model, monkeypatch, op, grid, stride):
+    """With the map bound at 4 rows, each image is encoded in bands (whose edges fall inside
+    grid regions) and still pools to the NumPy reference; no call sees more than the bound."""
+    images = np.random.default_rng(3).integers(0, 256, (3, 37, 29, 1), dtype=np.uint8)
+    hp, wp = pooled.map_size(37, 29, K, stride)
+    monkeypatch.setattr(pooled, "MAX_MAP_VALUES", 4 * wp * HIDDEN)
+    loaded = tf.saved_model.load(model)
+    calls = []  # map values of each encode_map call, recorded as the (compiled) call runs
+
+    def encode_map(images, stride):
+        out = loaded.signatures["encode_map"](images=images, stride=stride)
+        record = lambda shape: calls.append(int(np.prod(shape)))  # noqa: E731
+        tf.py_function(record, [tf.shape(out["maps"])], [])
+        return out
+
+    pooling = pooled.Pooling(grid, op, stride, K, HIDDEN)
+    got = pooled.pooled_encoder(encode_map, pooling)(images=tf.constant(images))["activations"]
+    assert len(calls) == 3 * -(-hp // 4)  # ceil(H' / 4) bands per image
+    assert max(calls) <= pooled.MAX_MAP_VALUES and sum(calls) == 3 * hp * wp * HIDDEN
+    encode = loaded.signatures["encode"]
+    acts = lambda x: encode(images=tf.constant(x))["activations"].numpy()  # noqa: E731
+    want = _numpy_pool(_naive_maps(acts, images, stride), grid, op)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import tensorflow as tf
 
 from trainer import losses
@@ -101,17 +102,24 @@ def encode_map(model, images: tf.Tensor, stride: int) -> tf.Tensor:
     return maps
 
 
-def pool_grid(maps: tf.Tensor, grid: int, op: PoolOp) -> tf.Tensor:
+def pool_grid(
+    maps: tf.Tensor, grid: int, op: PoolOp, first_row: int = 0, map_rows: int | None = None
+) -> tf.Tensor:
     """Activation maps [b, H', W', s] -> pooled features [b, G*G*s], G = grid <= H', W'.
 
     Map row r belongs to grid row floor(r G / H') (column c likewise), which splits the map
     into G x G regions of sizes that differ by at most one (Coates' quadrants for G = 2).
     Each region is reduced by `op` over its positions, per unit; the output is ordered
     (grid row, grid column, unit).
+
+    A band of a taller map: `maps` holds rows first_row.. of a map of `map_rows` rows (H' when
+    None), and the regions are those of the whole map; a region the band misses is 0 (sum,
+    mean) or the lowest float32 (max). Only whole maps give region means: for bands, take
+    "sum" and divide by region_sizes (pipeline/pooled.py).
     """
     shape = tf.shape(maps)
     b, h, w, s = shape[0], shape[1], shape[2], shape[3]
-    rows = tf.range(h) * grid // h
+    rows = (tf.range(h) + first_row) * grid // (h if map_rows is None else map_rows)
     cols = tf.range(w) * grid // w
     region = tf.reshape(rows[:, None] * grid + cols[None, :], [-1])  # [H' W']
     per_position = tf.reshape(tf.transpose(maps, [1, 2, 0, 3]), [h * w, b, s])
@@ -122,3 +130,10 @@ def pool_grid(maps: tf.Tensor, grid: int, op: PoolOp) -> tf.Tensor:
     }[op]
     pooled = reduce(per_position, region, grid * grid)  # [G*G, b, s]
     return tf.reshape(tf.transpose(pooled, [1, 0, 2]), [b, grid * grid * s])
+
+
+def region_sizes(map_rows: int, map_cols: int, grid: int) -> np.ndarray:
+    """Positions in each of pool_grid's G x G regions of a map_rows x map_cols map: [G*G]."""
+    rows = np.bincount(np.arange(map_rows) * grid // map_rows, minlength=grid)
+    cols = np.bincount(np.arange(map_cols) * grid // map_cols, minlength=grid)
+    return np.outer(rows, cols).reshape(-1)
