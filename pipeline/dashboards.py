@@ -11,8 +11,9 @@ the best windows of different images, cut out of them. Statistics are over all i
   mean activation  mean of a_j (the split's rho_hat_j)
   firing rate      fraction of inputs with a_j > 0.5 (as `l0` in metrics.json counts on)
 Dead units (trainer.config.dead_units on the mean activation) are never shown. Cost: one
-`encode_map` pass over max_images images, in batches of at most 2^23 map values, each
-reduced to per-image maxima before the next.
+`encode_map` pass over max_images images, each call given at most MAP_BUDGET map values (a
+batch of images, or a band of map rows of one large image), reduced to per-image maxima
+before the next.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from trainer.config import dead_units
 
 FIRING_THRESHOLD = 0.5
+MAP_BUDGET = 1 << 23  # map values per encode_map call (float64 on the host: 64 MB)
 
 
 @dataclass(frozen=True)
@@ -104,10 +106,21 @@ def eval_images(data_root: str, max_images: int) -> tuple[list[str], np.ndarray]
     return [k.decode() for k in batch["key"].numpy()], batch["image"].numpy()
 
 
-def batch_for(map_positions: int, hidden: int, cap: int, budget: int = 1 << 23) -> int:
-    """Images per batch so that a batch's maps [b, H', W', s] hold at most `budget` floats
-    (at least 1, at most cap): a batch of large images must not blow up memory."""
-    return max(1, min(cap, budget // max(1, map_positions * hidden)))
+def pieces(
+    n: int, map_rows: int, map_cols: int, hidden: int, cap: int
+) -> list[tuple[int, int, int, int]]:
+    """(first image, image stop, first map row, map row stop) of each encode_map call over n
+    images with maps [map_rows, map_cols, hidden], each at most MAP_BUDGET values (or one map
+    row, if that is more): batches of at most `cap` whole images, or, when one image's map is
+    larger, that image in bands of map rows. A batch of large images must not blow up memory."""
+    per_image = map_rows * map_cols * hidden
+    if per_image <= MAP_BUDGET:
+        step = max(1, min(cap, MAP_BUDGET // per_image))
+        return [(i, min(n, i + step), 0, map_rows) for i in range(0, n, step)]
+    rows = max(1, MAP_BUDGET // (map_cols * hidden))
+    return [
+        (i, i + 1, r, min(map_rows, r + rows)) for i in range(n) for r in range(0, map_rows, rows)
+    ]
 
 
 def compute(
@@ -130,36 +143,39 @@ def compute(
     kh, kw = cfg.input_shape[:2]
     patch = bool(cfg.patch_size) and images.shape[1:3] != (kh, kw)
     s = w1.shape[1]
-    positions = (images.shape[1] - kh + 1) * (images.shape[2] - kw + 1) if patch else 1
-    step = batch_for(positions, s, batch_size)
-    best, rows, cols = [], [], []
+    map_rows, map_cols = (images.shape[1] - kh + 1, images.shape[2] - kw + 1) if patch else (1, 1)
+    best = np.full((len(images), s), -np.inf)  # per image and unit: its best window's a_j
+    rows, cols = np.zeros((2, len(images), s), np.int64)  # and where that window is
     total, fired, inputs = np.zeros(s), np.zeros(s), 0
-    for start in range(0, len(images), step):
-        x = tf.constant(images[start : start + step])
-        if patch:
+    for lo, hi, first, stop in pieces(len(images), map_rows, map_cols, s, batch_size):
+        if patch:  # map rows first..stop-1: image rows first..stop-1+kh-1 (stride 1)
+            x = tf.constant(images[lo:hi, first : stop - 1 + kh])
             maps = model.signatures["encode_map"](images=x, stride=tf.constant(1))["maps"]
         else:
+            x = tf.constant(images[lo:hi])
             maps = model.signatures["encode"](images=x)["activations"][:, None, None]
         maps = maps.numpy().astype(np.float64)  # [b, H', W', s]; H' = W' = 1 for whole images
         total += maps.sum(axis=(0, 1, 2))
         fired += (maps > FIRING_THRESHOLD).sum(axis=(0, 1, 2))
         inputs += maps.shape[0] * maps.shape[1] * maps.shape[2]
-        for acc, part in zip((best, rows, cols), best_windows(maps), strict=True):
-            acc.append(part)
+        part, part_rows, part_cols = best_windows(maps)
+        better = part > best[lo:hi]  # strictly: an earlier band keeps ties (argmax's first)
+        best[lo:hi] = np.where(better, part, best[lo:hi])
+        rows[lo:hi] = np.where(better, part_rows + first, rows[lo:hi])
+        cols[lo:hi] = np.where(better, part_cols, cols[lo:hi])
     if not inputs:
         return Dashboards([], 0, 0, 0, patch)
     mean, rate = total / inputs, fired / inputs
-    best_a, rows_a, cols_a = (np.concatenate(a) for a in (best, rows, cols))
     chosen = select_units(rate, mean, cfg.rho, num_units)
-    order = top_k(best_a[:, chosen], top)  # [units, top]
+    order = top_k(best[:, chosen], top)  # [units, top]
     units = [
         Unit(
             index=int(j),
             filter=w1[:, j].reshape(cfg.input_shape),
             firing_rate=float(rate[j]),
             mean_activation=float(mean[j]),
-            top_inputs=crop(images, idx, rows_a[idx, j], cols_a[idx, j], (kh, kw)),
-            top_activations=best_a[idx, j],
+            top_inputs=crop(images, idx, rows[idx, j], cols[idx, j], (kh, kw)),
+            top_activations=best[idx, j],
             top_keys=[keys[i] for i in idx],
         )
         for j, idx in zip(chosen, order, strict=True)

@@ -47,8 +47,10 @@ def _encode(export_dir: str):
     return lambda x: sig(images=tf.constant(x))["activations"].numpy()
 
 
-@pytest.mark.parametrize("patch", [True, False])
-def test_dashboards_equal_a_brute_force_reference(data, tmp_path, patch):
+@pytest.mark.parametrize("patch, banded", [(True, False), (True, True), (False, False)])
+def test_dashboards_equal_a_brute_force_reference(data, tmp_path, monkeypatch, patch, banded):
+    if banded:  # 2 map rows per call: every image in bands, whose best windows must combine
+        monkeypatch.setattr(dashboards, "MAP_BUDGET", 2 * (W - K + 1) * HIDDEN)
     model = _export(tmp_path / "export", (K, K) if patch else (H, W), patch)
     keys, images = dashboards.eval_images(data, 100)
     n_eval = manifest.load(data).num_examples("eval")
@@ -109,10 +111,18 @@ def test_best_windows_and_top_k_against_loops():
     np.testing.assert_array_equal(got[1], images[0, 0:3, 1:3])
 
 
-def test_batches_are_bounded_by_map_size():
-    assert dashboards.batch_for(1, 400, cap=100) == 100  # whole images: the cap
-    assert dashboards.batch_for(441, 400, cap=100) == 47  # 28x28 digits, 8x8 windows
-    assert dashboards.batch_for(10**6, 400, cap=100) == 1  # one huge image at a time
+def test_calls_are_bounded_by_map_size_and_cover_every_map_row_once(monkeypatch):
+    monkeypatch.setattr(dashboards, "MAP_BUDGET", 1 << 23)
+    assert dashboards.pieces(250, 1, 1, 400, cap=100) == [(0, 100, 0, 1), (100, 200, 0, 1),
+                                                          (200, 250, 0, 1)]  # fmt: skip
+    assert len(dashboards.pieces(100, 21, 21, 400, cap=100)) == 3  # 28x28 digits: 47 a call
+    for n, h, w in [(3, 1017, 1017), (2, 300, 9000), (1, 5, 30000)]:  # one map > the budget
+        got = dashboards.pieces(n, h, w, 400, cap=100)
+        per_image = {i: [] for i in range(n)}
+        for lo, hi, first, stop in got:
+            assert hi == lo + 1 and (stop - first) * w * 400 <= max(1 << 23, w * 400)
+            per_image[lo] += range(first, stop)
+        assert all(rows == list(range(h)) for rows in per_image.values())
 
 
 def test_filter_grid_gives_each_unit_its_own_bordered_tile():
