@@ -103,7 +103,11 @@ def encode_map(model, images: tf.Tensor, stride: int) -> tf.Tensor:
 
 
 def pool_grid(
-    maps: tf.Tensor, grid: int, op: PoolOp, first_row: int = 0, map_rows: int | None = None
+    maps: tf.Tensor,
+    grid: int,
+    op: PoolOp,
+    first_row: int | tf.Tensor = 0,
+    map_rows: int | tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Activation maps [b, H', W', s] -> pooled features [b, G*G*s], G = grid <= H', W'.
 
