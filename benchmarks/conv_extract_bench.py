@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             inner = json.loads(m["stdout"].strip().splitlines()[-1])
             return measured_run("rows", inner["rows"], m, inner, f"{inner['rows']} rows encoded")
 
-        contenders = {"sae_2w": sae, "direct": own_loop, "naive": own_loop}
-        runs = run_interleaved({**contenders, "naive_image": own_loop}, args.repeats)
+        contenders = {"sae_2w": sae, "direct": own_loop, "naive": own_loop, "naive_image": own_loop}
+        runs = run_interleaved(contenders, args.repeats)
         report["runs"] = {name: median_run(r) for name, r in runs.items()}
         rate = {name: r["rows_per_s"] for name, r in report["runs"].items()}
         targets = {"direct": TARGET_DIRECT, "naive": TARGET_NAIVE, "naive_image": TARGET_NAIVE}

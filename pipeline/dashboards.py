@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import pooled
 from trainer.config import dead_units
 
 FIRING_THRESHOLD = 0.5
@@ -106,23 +107,6 @@ def eval_images(data_root: str, max_images: int) -> tuple[list[str], np.ndarray]
     return [k.decode() for k in batch["key"].numpy()], batch["image"].numpy()
 
 
-def pieces(
-    n: int, map_rows: int, map_cols: int, hidden: int, cap: int
-) -> list[tuple[int, int, int, int]]:
-    """(first image, image stop, first map row, map row stop) of each encode_map call over n
-    images with maps [map_rows, map_cols, hidden], each at most MAP_BUDGET values (or one map
-    row, if that is more): batches of at most `cap` whole images, or, when one image's map is
-    larger, that image in bands of map rows. A batch of large images must not blow up memory."""
-    per_image = map_rows * map_cols * hidden
-    if per_image <= MAP_BUDGET:
-        step = max(1, min(cap, MAP_BUDGET // per_image))
-        return [(i, min(n, i + step), 0, map_rows) for i in range(0, n, step)]
-    rows = max(1, MAP_BUDGET // (map_cols * hidden))
-    return [
-        (i, i + 1, r, min(map_rows, r + rows)) for i in range(n) for r in range(0, map_rows, rows)
-    ]
-
-
 def compute(
     export_dir: str,
     data_root: str,
@@ -147,9 +131,10 @@ def compute(
     best = np.full((len(images), s), -np.inf)  # per image and unit: its best window's a_j
     rows, cols = np.zeros((2, len(images), s), np.int64)  # and where that window is
     total, fired, inputs = np.zeros(s), np.zeros(s), 0
-    for lo, hi, first, stop in pieces(len(images), map_rows, map_cols, s, batch_size):
-        if patch:  # map rows first..stop-1: image rows first..stop-1+kh-1 (stride 1)
-            x = tf.constant(images[lo:hi, first : stop - 1 + kh])
+    calls = pooled.pieces(len(images), map_rows, map_cols, s, MAP_BUDGET, cap=batch_size)
+    for lo, hi, first, stop in calls:
+        if patch:
+            x = tf.constant(images[lo:hi, pooled.image_rows(first, stop, kh, 1)])
             maps = model.signatures["encode_map"](images=x, stride=tf.constant(1))["maps"]
         else:
             x = tf.constant(images[lo:hi])

@@ -66,6 +66,28 @@ def map_size(height: int, width: int, patch_size: int, stride: int) -> tuple[int
     return positions(height), positions(width)
 
 
+def pieces(
+    n: int, map_rows: int, map_cols: int, hidden: int, budget: int, cap: int | None = None
+) -> list[tuple[int, int, int, int]]:
+    """(first image, image stop, first map row, map row stop) of each encode_map call over n
+    images with maps [map_rows, map_cols, hidden], each at most `budget` values (or one map
+    row, if that is more): batches of at most `cap` whole images, or, when one image's map is
+    larger, that image in bands of map rows. A batch of large images must not blow up memory."""
+    per_image = map_rows * map_cols * hidden
+    if per_image <= budget:
+        step = max(1, min(cap or n, budget // per_image))
+        return [(i, min(n, i + step), 0, map_rows) for i in range(0, n, step)]
+    rows = max(1, budget // (map_cols * hidden))
+    return [
+        (i, i + 1, r, min(map_rows, r + rows)) for i in range(n) for r in range(0, map_rows, rows)
+    ]
+
+
+def image_rows(first: int, stop: int, window: int, stride: int) -> slice:
+    """The image rows that map rows first..stop-1 read (their windows; bands overlap by K - S)."""
+    return slice(first * stride, (stop - 1) * stride + window)
+
+
 def pooling_of(grid: str, op: str, stride: int, model_shape: tuple[int, int, int], hidden: int):
     """The Pooling of the --pool/--pool-op/--stride flags for a model of input (K, K, C)."""
     if model_shape[0] != model_shape[1]:
@@ -121,29 +143,24 @@ def pooled_encoder(encode_map, pooling: Pooling):
         maps = encode_map(images=images, stride=stride)["maps"]
         return conv.pool_grid(maps, grid, band_op, first_row, map_rows)
 
-    def in_bands(image, hp: int, wp: int):
-        """One image [1, H, W, C] -> [1, G*G*s], band by band of at most MAX_MAP_VALUES."""
-        rows = max(1, MAX_MAP_VALUES // (wp * pooling.hidden))  # map rows per band
+    def in_bands(images, calls, hp: int, wp: int):
+        """Images [b, H, W, C] -> [b, G*G*s], each image band by band (`calls`, from pieces)."""
         combine = np.maximum if band_op == "max" else np.add
-        # Bands combined in float64: a region of a large map has 10^5 positions or more.
-        total = None
-        for first in range(0, hp, rows):
-            last = min(hp, first + rows)  # map rows first..last-1: image rows below
-            band = image[:, first * s : (last - 1) * s + k]
+        totals = {}  # image -> its bands so far, in float64: a region has 10^5 positions or more
+        for i, _, first, stop in calls:
+            band = images[i : i + 1, image_rows(first, stop, k, s)]
             part = pooled_band(band, tf.constant(first), tf.constant(hp)).numpy()
-            total = part.astype(np.float64) if total is None else combine(total, part)
+            totals[i] = combine(totals[i], part) if i in totals else part.astype(np.float64)
+        out = np.concatenate([totals[i] for i in range(len(images))])
         if pooling.op == "mean":
-            total = total / np.repeat(conv.region_sizes(hp, wp, grid), pooling.hidden)
-        return tf.constant(total, tf.float32)
+            out = out / np.repeat(conv.region_sizes(hp, wp, grid), pooling.hidden)
+        return tf.constant(out, tf.float32)
 
     def encode(images):
         hp, wp = map_size(images.shape[1], images.shape[2], k, s)
-        per_image = hp * wp * pooling.hidden
-        if per_image > MAX_MAP_VALUES:
-            parts = [in_bands(images[i : i + 1], hp, wp) for i in range(len(images))]
-        else:
-            chunk = MAX_MAP_VALUES // per_image
-            parts = [pooled(images[i : i + chunk]) for i in range(0, len(images), chunk)]
-        return {"activations": tf.concat(parts, axis=0)}
+        calls = pieces(len(images), hp, wp, pooling.hidden, MAX_MAP_VALUES)
+        if hp * wp * pooling.hidden > MAX_MAP_VALUES:
+            return {"activations": in_bands(images, calls, hp, wp)}
+        return {"activations": tf.concat([pooled(images[lo:hi]) for lo, hi, _, _ in calls], 0)}
 
     return encode

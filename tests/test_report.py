@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import charts, curves, dashboards, report
+from pipeline import charts, curves, dashboards, pooled, report
 from preprocessing import manifest
 from tests.helpers import LABELLED_H as H
 from tests.helpers import LABELLED_W as W
@@ -111,13 +111,15 @@ def test_best_windows_and_top_k_against_loops():
     np.testing.assert_array_equal(got[1], images[0, 0:3, 1:3])
 
 
-def test_calls_are_bounded_by_map_size_and_cover_every_map_row_once(monkeypatch):
-    monkeypatch.setattr(dashboards, "MAP_BUDGET", 1 << 23)
-    assert dashboards.pieces(250, 1, 1, 400, cap=100) == [(0, 100, 0, 1), (100, 200, 0, 1),
-                                                          (200, 250, 0, 1)]  # fmt: skip
-    assert len(dashboards.pieces(100, 21, 21, 400, cap=100)) == 3  # 28x28 digits: 47 a call
+def test_calls_are_bounded_by_map_size_and_cover_every_map_row_once():
+    def pieces(n, h, w, hidden, cap):
+        return pooled.pieces(n, h, w, hidden, 1 << 23, cap=cap)
+
+    assert pieces(250, 1, 1, 400, cap=100) == [(0, 100, 0, 1), (100, 200, 0, 1),
+                                               (200, 250, 0, 1)]  # fmt: skip
+    assert len(pieces(100, 21, 21, 400, cap=100)) == 3  # 28x28 digits: 47 a call
     for n, h, w in [(3, 1017, 1017), (2, 300, 9000), (1, 5, 30000)]:  # one map > the budget
-        got = dashboards.pieces(n, h, w, 400, cap=100)
+        got = pieces(n, h, w, 400, cap=100)
         per_image = {i: [] for i in range(n)}
         for lo, hi, first, stop in got:
             assert hi == lo + 1 and (stop - first) * w * 400 <= max(1 << 23, w * 400)
