@@ -89,7 +89,14 @@ def evaluate_export(
         )
     sig = tf.saved_model.load(export_dir).signatures
     sq, count, act_sum = 0.0, 0, None
-    for images in data.eval_dataset(dataset, batch_size, split=split, patch_size=patch_size):
+    windows = data.eval_dataset(
+        dataset,
+        batch_size,
+        split=split,
+        patch_size=patch_size,
+        patches_per_image=info.config.patches_per_image,
+    )
+    for images in windows:
         x = sig["normalize"](images=images)["inputs"].numpy().astype(np.float64)
         x_hat = sig["reconstruct"](images=images)["reconstructions"].numpy()
         a = sig["encode"](images=images)["activations"].numpy().astype(np.float64)

@@ -114,6 +114,9 @@ def test_unknown_key_names_it_and_lists_valid_keys():
         ("patch_size=-1", "patch_size.*>= 0"),
         ("patch_size=5", "patch_size.*window size of input_shape \\(now 8x8x1\\)"),
         ("zca_epsilon=-1", "zca_epsilon"),
+        ("patches_per_image=0", "patches_per_image.*>= 1"),
+        ("patches_per_image=2", "patches_per_image=2.*1 with patch_size 0"),
+        ("patch_size=8 patches_per_image=5", "patches_per_image=5.*divisor of global_batch_si"),
         ("zca_epsilon=0.1 normalization=ufldl_patches", "zca_epsilon.*unit"),
     ],
 )

@@ -85,6 +85,26 @@ def test_patch_stream_takes_one_window_per_image_and_resumes_exactly(dataset, pa
     assert not np.array_equal(other, full[0])
 
 
+def test_several_windows_per_image_come_from_that_image_and_resume_exactly(dataset, path):
+    per_image, batch = 4, 64
+    whole = [b.numpy() for b in data.train_stream(dataset, batch // per_image, seed=1).take(9)]
+    stream = data.train_stream(dataset, batch, seed=1, patch_size=5, patches_per_image=per_image)
+    full = [b.numpy() for b in stream.take(9)]
+    spread = set()
+    for images, patches in zip(whole, full, strict=True):  # a step reads batch / 4 images
+        assert patches.shape == (batch, 5, 5, 1) and patches.dtype == np.uint8
+        for i in range(0, batch // per_image, 5):
+            corners = {_is_window_of(p, images[i]) for p in patches[i * 4 : i * 4 + 4]}
+            assert None not in corners  # all 4 are windows of the step's i-th image
+            spread.add(len(corners))
+    assert max(spread) > 1  # an image's windows are drawn independently
+    resumed = data.train_stream(
+        dataset, batch, seed=1, start_step=5, patch_size=5, patches_per_image=per_image
+    )
+    for a, b in zip(full[5:], resumed.take(4), strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
 def test_eval_windows_are_the_same_on_every_pass(dataset):
     def windows():
         return np.concatenate([b.numpy() for b in data.eval_dataset(dataset, 50, patch_size=3)])
@@ -93,3 +113,13 @@ def test_eval_windows_are_the_same_on_every_pass(dataset):
     np.testing.assert_array_equal(first, windows())
     assert first.shape == (dataset.num_examples("eval"), 3, 3, 1)
     assert all(_is_window_of(p, im) is not None for p, im in zip(first, images, strict=True))
+
+
+def test_eval_cuts_several_windows_of_each_image(dataset):
+    images = np.concatenate([b.numpy() for b in data.eval_dataset(dataset, 50)])
+    cut = data.eval_dataset(dataset, 50, patch_size=3, patches_per_image=5)
+    windows = np.concatenate([b.numpy() for b in cut])
+    assert windows.shape == (5 * len(images), 3, 3, 1)
+    assert all(_is_window_of(w, images[i // 5]) is not None for i, w in enumerate(windows))
+    again = np.concatenate([b.numpy() for b in cut])
+    np.testing.assert_array_equal(windows, again)

@@ -96,11 +96,15 @@ def test_interrupted_stage_is_redone(tmp_path):
 def test_a_patch_model_is_extracted_pooled(tmp_path):
     workdir = tmp_path / "run"
     sets = ["input_shape=4,4,1", "patch_size=4", "hidden=6", "epochs=1", "steps_per_epoch=5"]
+    sets.append("patches_per_image=4")  # the tiny preset's 32 windows: 8 digits per step
     r = _run(
         "--workdir", str(workdir), "--pool", "2x2", "--direct_running_mode=in_memory",
         *[x for s in sets for x in ("--set", s)],
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((workdir / "train" / "metrics.json").read_text())
+    eval_images = json.loads((workdir / "data" / "manifest.json").read_text())["splits"]["eval"]
+    assert metrics["eval_examples"] == 4 * eval_images["num_examples"]  # 4 windows of each
     feats = json.loads((workdir / "features" / "manifest.json").read_text())
     assert feats["pooling"] == {"grid": 2, "op": "mean", "stride": 1} and feats["dim"] == 24
     assert feats["num_written"] == 1797 and feats["sparsify"] == "none"

@@ -13,11 +13,15 @@ Batches hold the global batch; tf.distribute splits each across replicas and
 shards the data across workers by FILE when every worker gets at least
 `MIN_FILES_PER_WORKER` shards, else by DATA (every worker reads all, keeps its part).
 
-Patches (config patch_size K > 0): every batch of images becomes one random KxK window of
-each image (`random_patches`), at offsets drawn by a stateless RNG from (seed, global step),
-after the batch is formed and before tf.distribute splits it, so the windows depend neither
-on the replica count nor on where a run was resumed. Eval batches take windows the same way
-from (seed, -1 - batch index): the same windows in every evaluation.
+Patches (config patch_size K > 0): every batch of images becomes P = patches_per_image random
+KxK windows of each image (`random_patches`), at offsets drawn by a stateless RNG from (seed,
+global step), after the batch is formed and before tf.distribute splits it, so the windows
+depend neither on the replica count nor on where a run was resumed. A step uses
+global_batch / P images. In memory the windows are cut straight from the split (only their
+pixels are copied); streamed, every image a step uses is read and parsed whole, so for
+photos P in the hundreds keeps the bytes read per step near the windows' own (one window
+per 512x512x3 photo reads 786 KB to train on 192 bytes). Eval batches take windows the same
+way from (seed, -1 - batch index): the same windows in every evaluation.
 
 Order guarantee: the training stream is a pure function of (manifest, seed):
 epoch e is the train split shuffled with seed (seed, e) (a stateless Philox
@@ -103,24 +107,42 @@ def _paths(manifest: Manifest, split: str) -> list[str]:
     return paths
 
 
-def random_patches(images: tf.Tensor, patch_size: int, key: tf.Tensor) -> tf.Tensor:
-    """One window per image: uint8 [b, H, W, C] -> [b, K, K, C], K = patch_size <= H, W.
+def random_patches(
+    images: tf.Tensor,
+    patch_size: int,
+    key: tf.Tensor,
+    per_image: int = 1,
+    which: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """per_image windows of each of b images: uint8 [N, H, W, C] -> [b * per_image, K, K, C],
+    K = patch_size <= H, W; the j-th image's windows are rows j * per_image ... of the output.
 
+    which: int [b], the images to cut from (default: all N, in order). Cutting from the
+    whole in-memory split this way copies only the windows' pixels, never a whole image.
     key: int64 [2], the stateless RNG seed; the top-left corners are uniform over the
-    (H - K + 1) x (W - K + 1) valid positions and a pure function of key and b.
+    (H - K + 1) x (W - K + 1) valid positions, independent, and a pure function of key, b
+    and per_image (per_image 1 draws what [b, 2] uniforms draw: the same windows as before
+    the option existed).
     """
     shape = tf.shape(images, out_type=tf.int64)
+    n = images.shape[0] if which is None else which.shape[0]  # static when known: tf.distribute
+    which = tf.range(shape[0]) if which is None else tf.cast(which, tf.int64)
+    b = tf.shape(which, out_type=tf.int64)[0]
     span = tf.cast(shape[1:3] - patch_size + 1, tf.float64)  # valid corners per axis
-    u = tf.random.stateless_uniform([shape[0], 2], key, dtype=tf.float64)  # in [0, 1)
-    corner = tf.cast(tf.floor(u * span), tf.int64)
+    u = tf.random.stateless_uniform([b, per_image, 2], key, dtype=tf.float64)  # in [0, 1)
+    corner = tf.cast(tf.floor(u * span), tf.int64)  # [b, P, 2]
     offsets = tf.range(patch_size, dtype=tf.int64)
-    rows = corner[:, :1] + offsets  # [b, K]
-    cols = corner[:, 1:] + offsets
-    rows_kept = tf.gather(images, rows, axis=1, batch_dims=1)  # [b, K, W, C]
-    return tf.gather(rows_kept, cols, axis=2, batch_dims=1)  # [b, K, K, C]
+    rows = which[:, None, None] * shape[1] + corner[..., :1] + offsets  # [b, P, K]: of N * H
+    cols = corner[..., 1:] + offsets  # [b, P, K]
+    pixel = rows[..., :, None] * shape[2] + cols[..., None, :]  # [b, P, K, K]: of N * H * W
+    windows = tf.gather(tf.reshape(images, [-1, shape[3]]), tf.reshape(pixel, [-1]))
+    size = n * per_image if n is not None else -1  # (tf.distribute splits batches by it)
+    return tf.reshape(windows, [size, patch_size, patch_size, images.shape[3]])
 
 
-def _patches_of(ds: tf.data.Dataset, patch_size: int, seed: int, first: int, evaluation: bool):
+def _patches_of(
+    ds: tf.data.Dataset, patch_size: int, per_image: int, seed: int, first: int, evaluation: bool
+):
     """Batches of images -> batches of windows (identity when patch_size is 0). Batch i,
     counted from `first`, draws with the key (seed, i) in training (i = the global step) and
     (seed, -1 - i) in evaluation, so eval windows never reuse a training step's key."""
@@ -129,7 +151,8 @@ def _patches_of(ds: tf.data.Dataset, patch_size: int, seed: int, first: int, eva
     base = tf.constant(seed, tf.int64)
 
     def windows(i, images):
-        return random_patches(images, patch_size, tf.stack([base, -1 - i if evaluation else i]))
+        key = tf.stack([base, -1 - i if evaluation else i])
+        return random_patches(images, patch_size, key, per_image)
 
     return ds.enumerate(first).map(windows, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -140,19 +163,29 @@ def train_stream(
     seed: int,
     start_step: int = 0,
     patch_size: int = 0,
+    patches_per_image: int = 1,
 ) -> tf.data.Dataset:
     """Infinite stream of uint8 batches [global_batch, H, W, C], resumable at a step.
 
     Each epoch is the whole train split shuffled with seed (seed, epoch); a batch never
     spans two epochs (drop_remainder), so every step has exactly the global batch. With
-    patch_size K, each batch is then one random KxK window per image ([global_batch, K, K, C]).
+    patch_size K, a step's batch is global_batch / patches_per_image images, each cut into
+    patches_per_image random KxK windows ([global_batch, K, K, C]).
     """
     paths = _paths(manifest, "train")
-    per_epoch = manifest.num_examples("train") // global_batch_size
+    if patch_size and global_batch_size % patches_per_image:
+        raise ValueError(f"{patches_per_image=} does not divide {global_batch_size=}")
+    images_per_step = global_batch_size // patches_per_image if patch_size else global_batch_size
+    per_epoch = manifest.num_examples("train") // images_per_step
     if per_epoch < 1:
+        hint = (
+            "raise patches_per_image or lower global_batch_size"
+            if patch_size
+            else "lower global_batch_size"
+        )
         raise UserError(
-            f"the train split of {manifest.root} has {manifest.num_examples('train')} examples, "
-            f"fewer than one global batch ({global_batch_size}); lower global_batch_size"
+            f"the train split of {manifest.root} has {manifest.num_examples('train')} images, "
+            f"fewer than one step takes ({images_per_step}); {hint}"
         )
     compression = manifest.compression
     in_memory = fits_in_memory(manifest, "train")
@@ -163,29 +196,36 @@ def train_stream(
         images = _read_all(manifest, "train")
         order_seed = tf.constant(seed, tf.int64)
 
-        def batches(e):
-            # A permutation per epoch, then whole batches gathered GATHER_BATCHES at a time:
-            # per batch only a slice is left to do, which keeps the stream's CPU per step
-            # far below a small model's step (it shares the cores with training).
+        def steps(e):  # the epoch's permutation, as one row of image indices per step
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(tf.shape(images, out_type=tf.int64)[0]),
                 seed=tf.stack([order_seed, e]),
                 alg="philox",
             )
-            idx = tf.reshape(order[: per_epoch * global_batch_size], [per_epoch, -1])
-            return (
-                tf.data.Dataset.from_tensor_slices(idx)
-                .batch(GATHER_BATCHES)
-                .flat_map(lambda i: tf.data.Dataset.from_tensor_slices(tf.gather(images, i)))
-            )
+            idx = tf.reshape(order[: per_epoch * images_per_step], [per_epoch, images_per_step])
+            return tf.data.Dataset.from_tensor_slices(idx)
 
-        ds = _patches_of(epochs.flat_map(batches).skip(skip), patch_size, seed, start_step, False)
+        if patch_size:  # windows cut straight from the split: no whole image is copied
+            ds = epochs.flat_map(steps).skip(skip).enumerate(start_step)
+            base = tf.constant(seed, tf.int64)
+            ds = ds.map(
+                lambda i, idx: random_patches(
+                    images, patch_size, tf.stack([base, i]), patches_per_image, idx
+                ),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        else:
+            # Whole batches gathered GATHER_BATCHES at a time: per batch only a slice is
+            # left to do, which keeps the stream's CPU per step far below a small model's
+            # step (it shares the cores with training).
+            ds = epochs.flat_map(steps).skip(skip).batch(GATHER_BATCHES)
+            ds = ds.flat_map(lambda i: tf.data.Dataset.from_tensor_slices(tf.gather(images, i)))
         return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(0))
 
     def epoch(e):
         ds = _records(paths, compression, shuffle_files_seed=seed * 1_000_003 + e)
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
-        return ds.batch(global_batch_size, drop_remainder=True)
+        return ds.batch(images_per_step, drop_remainder=True)
 
     # interleave, not flat_map: the next epoch's files open and its shuffle buffer fills
     # while this epoch is consumed (block_length = one whole epoch keeps the order).
@@ -193,7 +233,7 @@ def train_stream(
         epoch, cycle_length=2, block_length=per_epoch, num_parallel_calls=2, deterministic=True
     )
     ds = ds.skip(skip).map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = _patches_of(ds, patch_size, seed, start_step, False)
+    ds = _patches_of(ds, patch_size, patches_per_image, seed, start_step, False)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
 
 
@@ -226,25 +266,28 @@ def eval_dataset(
     drop_remainder: bool = False,
     patch_size: int = 0,
     seed: int = 0,
+    patches_per_image: int = 1,
 ) -> tf.data.Dataset:
-    """One pass over a split in file order, batched and parsed; with patch_size, one window
-    per image, the same on every pass (see the module docstring)."""
+    """One pass over a split in file order, batched and parsed; with patch_size, batches of
+    max(1, global_batch_size // patches_per_image) images, each cut into patches_per_image
+    windows, the same on every pass (see the module docstring)."""
     paths = _paths(manifest, split)
     n = manifest.num_examples(split)
-    batches = n // global_batch_size if drop_remainder else -(-n // global_batch_size)
-    ds = _records(paths, manifest.compression).batch(global_batch_size, drop_remainder)
+    size = max(1, global_batch_size // patches_per_image) if patch_size else global_batch_size
+    batches = n // size if drop_remainder else -(-n // size)
+    ds = _records(paths, manifest.compression).batch(size, drop_remainder)
     # Known length: Keras shows progress and does not warn about running out of data.
     ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     ds = ds.map(_parse(manifest), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = _patches_of(ds, patch_size, seed, 0, True)
+    ds = _patches_of(ds, patch_size, patches_per_image, seed, 0, True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(len(paths)))
 
 
 def steps_per_epoch(manifest: Manifest, cfg) -> int:
-    """cfg.steps_per_epoch, or (0) the steps of one pass over the train split at the
-    config's training batch (one step for a full-batch lbfgs)."""
+    """cfg.steps_per_epoch, or (0) the steps of one pass over the train split's images at
+    the config's images per step (one step for a full-batch lbfgs)."""
     n = manifest.num_examples("train")
-    return cfg.steps_per_epoch or max(1, n // cfg.train_batch(n))
+    return cfg.steps_per_epoch or max(1, n // cfg.images_per_step(n))
 
 
 def error_reason(e: tf.errors.OpError) -> str:

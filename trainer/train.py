@@ -140,7 +140,13 @@ def _fit_zca(model, manifest) -> None:
 
     cfg = model.config
     batches = -(-ZCA_SAMPLES // cfg.global_batch_size)
-    stream = data.train_stream(manifest, cfg.global_batch_size, cfg.seed, patch_size=cfg.patch_size)
+    stream = data.train_stream(
+        manifest,
+        cfg.global_batch_size,
+        cfg.seed,
+        patch_size=cfg.patch_size,
+        patches_per_image=cfg.patches_per_image,
+    )
     model.fit_zca(tf.concat(list(stream.take(batches)), axis=0))
     print(f"train: ZCA whitening from {batches * cfg.global_batch_size} inputs", flush=True)
 
@@ -250,6 +256,11 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> ar
         f"L-BFGS on the full batch of {batch} (memory {cfg.lbfgs_memory})"
         if cfg.optimizer == "lbfgs"
         else f"global batch {batch}"
+        + (
+            f" ({cfg.patches_per_image} windows of each of {batch // cfg.patches_per_image} images)"
+            if cfg.patches_per_image > 1
+            else ""
+        )
     )
     print(
         f"train: {num_train} train / {manifest.num_examples('eval')} eval "
@@ -262,7 +273,11 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> ar
     )
 
     eval_ds = data.eval_dataset(
-        manifest, cfg.global_batch_size, patch_size=cfg.patch_size, seed=cfg.seed
+        manifest,
+        cfg.global_batch_size,
+        patch_size=cfg.patch_size,
+        seed=cfg.seed,
+        patches_per_image=cfg.patches_per_image,
     )
     if cfg.eval_batches:
         eval_ds = eval_ds.take(cfg.eval_batches)
@@ -273,7 +288,12 @@ def _train(args: argparse.Namespace, cfg, manifest: manifest_lib.Manifest) -> ar
     try:
         # Inside: a small train split is read whole here, and a corrupt shard fails the read.
         stream = data.train_stream(
-            manifest, batch, cfg.seed, start_step=step, patch_size=cfg.patch_size
+            manifest,
+            batch,
+            cfg.seed,
+            start_step=step,
+            patch_size=cfg.patch_size,
+            patches_per_image=cfg.patches_per_image,
         )
         result = loop.run(
             model,
