@@ -131,14 +131,14 @@ def pooled_encoder(encode_map, pooling: Pooling):
     stride = tf.constant(pooling.stride, tf.int32)
     k, s, grid = pooling.window, pooling.stride, pooling.grid
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def pooled(images):
         maps = encode_map(images=images, stride=stride)["maps"]
         return conv.pool_grid(maps, grid, pooling.op)
 
     band_op = "max" if pooling.op == "max" else "sum"
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def pooled_band(images, first_row, map_rows):
         maps = encode_map(images=images, stride=stride)["maps"]
         return conv.pool_grid(maps, grid, band_op, first_row, map_rows)

@@ -40,12 +40,14 @@ class _Serving(tf.Module):
         super().__init__()
         self.model = model
         spec = tf.TensorSpec([None, *model.config.input_shape], tf.uint8, name="images")
-        self.encode = tf.function(self._encode, input_signature=[spec])
-        self.reconstruct = tf.function(self._reconstruct, input_signature=[spec])
-        self.normalize = tf.function(self._normalize, input_signature=[spec])
+        self.encode = tf.function(self._encode, input_signature=[spec], autograph=False)
+        self.reconstruct = tf.function(self._reconstruct, input_signature=[spec], autograph=False)
+        self.normalize = tf.function(self._normalize, input_signature=[spec], autograph=False)
         any_size = tf.TensorSpec([None, None, None, model.config.input_shape[2]], tf.uint8)
         stride = tf.TensorSpec([], tf.int32, name="stride")
-        self.encode_map = tf.function(self._encode_map, input_signature=[any_size, stride])
+        self.encode_map = tf.function(
+            self._encode_map, input_signature=[any_size, stride], autograph=False
+        )
 
     def _encode(self, images):
         return {"activations": self.model.encode(images)}

@@ -10,6 +10,13 @@ scalars, and at step boundaries that no call straddles (epoch ends, every
 `checkpoint_every_steps`, the last step) the epoch scalars, the evaluation and the checkpoint.
 Evaluation is a plain distributed loop over the eval batches, also one `tf.function`.
 
+AutoGraph (Python control flow on tensors -> graph ops) converts only what needs it: the
+training call's `tf.range` loop and the L-BFGS step (trainer/lbfgs.py). The model's steps
+are marked `do_not_convert` and the other functions here, the export's signatures and the
+pooled encoder are `autograph=False`: their branches are on Python values, and converting
+them and the Keras code below them cost 3.5 s of every `sae train` start-up (9.5 s -> 6.0 s
+after the imports for --preset tiny, measured 2026-12-02).
+
 Multi-worker: every worker must make the same calls (they run collectives), so every
 decision is a function of the step, except three that are not: SIGTERM and the seconds
 cadences. Those are requests each worker passes into its next call, where they are summed
@@ -116,7 +123,7 @@ def eval_function(model, strategy: tf.distribute.Strategy):
         model.test_step(batch)
         return losses.all_reduce_sum(tf.shape(images_of(batch), out_type=tf.int64)[0])
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def eval_batch(batch):
         return strategy.experimental_local_results(strategy.run(step, args=(batch,)))[0]
 
@@ -126,7 +133,7 @@ def eval_function(model, strategy: tf.distribute.Strategy):
         out.update(rho_hat=model.unit_rho_hat())
         return out
 
-    @tf.function
+    @tf.function(autograph=False)
     def read_results():
         # In replica context: each replica holds the global values.
         return _first_local(strategy, strategy.run(results))
@@ -220,7 +227,7 @@ def _compiled(writer, write):
     eager summary ops cost about 0.7 ms each in Python dispatch, and the loop writes dozens
     per epoch between training calls."""
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def call(step, *args):
         with writer.as_default(step=step):
             write(*args)

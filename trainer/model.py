@@ -222,6 +222,7 @@ class SparseAutoencoder(keras.Model):
         )  # fmt: skip
         return replica_loss, terms, rho_hat, (x, a, x_hat), count
 
+    @tf.autograph.experimental.do_not_convert
     def record(self, terms: losses.CostTerms, rho_hat, count) -> dict:
         """Adds a step's global cost terms to the running means (replica context); returns
         the means."""
@@ -238,6 +239,7 @@ class SparseAutoencoder(keras.Model):
             tracker.update_state(values[name], sample_weight=count)
         return {name: t.result() for name, t in self.trackers.items()}
 
+    @tf.autograph.experimental.do_not_convert
     def train_step(self, data):
         images = images_of(data)
         with tf.GradientTape() as tape:
@@ -250,6 +252,7 @@ class SparseAutoencoder(keras.Model):
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
         return self.record(terms, rho_hat, count)
 
+    @tf.autograph.experimental.do_not_convert
     def objective(self, data):
         """The full-batch objective of `trainer.lbfgs`, in replica context: (J [], dJ [P]
         flattened in `trainable_variables` order, (CostTerms, rho_hat [s], count [])), all over
@@ -262,6 +265,7 @@ class SparseAutoencoder(keras.Model):
         loss, grad = losses.all_reduce_sum([replica_loss, lbfgs.flatten(grads)])
         return loss, grad, (terms, rho_hat, count)
 
+    @tf.autograph.experimental.do_not_convert
     def test_step(self, data):
         images = images_of(data)
         _, terms, rho_hat, (x, a, x_hat), count = self.cost(images, training=False)
