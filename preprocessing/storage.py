@@ -14,7 +14,10 @@ in this process and in worker processes alike; and it does not import TensorFlow
 import costs seconds (measured 2026-12-01 on this machine, load 4: 7.3 s for Beam's
 FileSystems, 21 to 30 s for TensorFlow), so `sae models list` or a manifest check starts
 without it. TensorFlow's own gs:// filesystem stays only where TensorFlow does the I/O
-itself: checkpoints, SavedModels, TensorBoard events, TFRecordDataset reads.
+itself: checkpoints, SavedModels, TensorBoard events, TFRecordDataset reads. Local paths
+skip Beam where Python's own calls do the same (exists, reads, plain atomic writes), so a
+command on local files (`sae train`) never imports Beam: 1.6 s less start-up (median of 3
+interleaved `sae train --preset tiny` runs, 13.6 s against 15.2 s, 2026-12-02).
 
 Atomic publish: locally a file is written under a temporary name in its folder and
 renamed (a rename within a filesystem is atomic). On object stores (gs://) a single
@@ -82,7 +85,9 @@ def _raw():
 # Reading and listing.
 # ----------------------------------------------------------------------------
 def exists(uri: str) -> bool:
-    return _fs().exists(uri)
+    # Local paths directly: a command on local files (`sae train`, `sae models`) then never
+    # imports Beam (2.5 s here).
+    return os.path.exists(uri) if not is_remote(uri) else _fs().exists(uri)
 
 
 def glob(pattern: str, limit: int | None = None) -> list[str]:
@@ -98,7 +103,7 @@ def files_under(folder: str) -> list[str]:
 
 def open_read(uri: str):
     """A binary file object of the stored bytes (never decompressed by suffix)."""
-    return _fs().open(uri, compression_type=_raw())
+    return open(uri, "rb") if not is_remote(uri) else _fs().open(uri, compression_type=_raw())
 
 
 def read_bytes(uri: str) -> bytes:
@@ -141,21 +146,27 @@ def open_write(uri: str):
 def publish_chunks(uri: str, chunks: Iterable[bytes], gzip: bool = False) -> None:
     """Writes `uri` atomically (see the module docstring): a reader never sees a partial
     file. A file already there (a retried bundle's, with the same content) is replaced."""
-    from apache_beam.io.filesystem import CompressionTypes
 
-    fs = _fs()
-    ctype = CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED
+    def create(path: str):
+        if not (gzip or is_remote(path)):  # a plain local file: no Beam import
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # as Beam's create does
+            return open(path, "wb")
+        from apache_beam.io.filesystem import CompressionTypes
+
+        ctype = CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED
+        return _fs().create(path, compression_type=ctype)
+
     if is_remote(uri):
         # Joined first: an upload is committed when its writer closes, which a `with`
         # block also does when the chunks fail midway (a partial object). Memory: one
         # file, which a shard merge from object-store parts holds anyway.
         data = b"".join(chunks)
-        with fs.create(uri, compression_type=ctype) as f:
+        with create(uri) as f:
             f.write(data)
         return
     tmp = f"{uri}.tmp-{uuid.uuid4().hex}"
     try:
-        with fs.create(tmp, compression_type=ctype) as f:
+        with create(tmp) as f:
             for chunk in chunks:
                 f.write(chunk)
     except BaseException:
