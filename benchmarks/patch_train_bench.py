@@ -14,9 +14,9 @@ with one or many windows per photo, against a NumPy sampler written by hand.
    1024 windows) without its ZCA whitening (the whitening is fitted once, before training;
    the steps cost the same), trained by `trainer.loop.train_function`, the compiled call of
    `sae train` (calls of steps_per_execution = 32 steps).
-3. The contenders feed that same loop 1024 windows per step; each runs one warm-up call
-   (tracing, filling buffers) and then --steps timed steps (sae_p1_streaming: 1/8 of them,
-   about as many seconds), --repeats times, interleaved:
+3. The contenders feed that same loop 1024 windows per step (train_bench.run_loop); each runs
+   one warm-up epoch (tracing, filling buffers) and one timed epoch of --steps steps
+   (sae_p1_streaming: 1/8 of them, about as many seconds), --repeats times, interleaved:
      sae_p1           train_stream, patches_per_image 1: one window of each of 1024 photos
                       per step, cut straight from the split in memory.
      sae_pP           train_stream, patches_per_image P (--per-image, default 128): P windows
@@ -36,25 +36,23 @@ cores the input's work shares the cores with the step, for the NumPy sampler as 
 sae_pP / sae_p1 and sae_pP_streaming / sae_p1_streaming (what several windows per photo buy).
 
 Output: progress on stderr, one JSON object on stdout (and in --out FILE):
-  runs[NAME] = {windows_per_s, seconds, cores_used, background_cores, steal_cores,
-      windows_per_s_all, repeats, what}; ratio_pP_vs_p1, ratio_pP_vs_p1_streaming,
-  ratio_pP_vs_bound, ratio_pP_vs_numpy, targets.
+  runs[NAME] = {windows_per_s, min, max, epoch_seconds, warmup_seconds, cores_used,
+      background_cores, steal_cores, windows_per_s_all, repeats, what}; ratio_pP_vs_p1,
+  ratio_pP_vs_p1_streaming, ratio_pP_vs_bound, ratio_pP_vs_numpy, targets.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import train_bench
 from common import (
     add_repeats_arg,
     add_workdir_args,
-    busy_cpu_seconds,
-    cpu_seconds,
     finish_report,
     load_train_images,
     log,
@@ -65,7 +63,6 @@ from common import (
     run_interleaved,
     sae_command,
     start_report,
-    steal_seconds,
 )
 
 BATCH = 1024
@@ -128,43 +125,10 @@ def numpy_windows(photos, per_image: int, seed: int = 0):
 
 
 def timed_loop(cfg, dataset, steps: int, what: str) -> dict:
-    """The trainer's compiled loop on `dataset`: one warm-up call, then `steps` steps timed."""
-    import keras
-    import tensorflow as tf
-
-    from trainer import loop
-    from trainer import model as model_lib
-
-    keras.backend.clear_session()
-    strategy = tf.distribute.get_strategy()
-    model = model_lib.SparseAutoencoder(cfg)
-    model_lib.compile_model(model, model_lib.make_optimizer(cfg))
-    train = loop.train_function(model, strategy)
-    iterator = iter(strategy.experimental_distribute_dataset(dataset))
-    no_requests = tf.zeros(3)
-    k = cfg.steps_per_execution
-    float(train(iterator, tf.constant(k), no_requests)[0]["loss"])
-    t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF)
-    b0, s0 = busy_cpu_seconds(), steal_seconds()
-    done = 0
-    while done < steps:
-        n = min(k, steps - done)
-        logs, _ = train(iterator, tf.constant(n), no_requests)
-        done += n
-    float(logs["loss"])
-    wall = time.perf_counter() - t0
-    cpu = cpu_seconds(resource.RUSAGE_SELF) - c0
-    busy, steal = busy_cpu_seconds() - b0, steal_seconds() - s0
-    r = {
-        "windows_per_s": round(steps * BATCH / wall, 1),
-        "seconds": round(wall, 3),
-        "cores_used": round(cpu / wall, 2),
-        "background_cores": round(max(0.0, busy - cpu) / wall, 2),
-        "steal_cores": round(steal / wall, 2),
-        "what": what,
-    }
-    log(f"  {r['windows_per_s']:,.0f} windows/s, background {r['background_cores']} cores")
-    return r
+    """train_bench's run of the trainer's compiled loop on `dataset`: one warm-up epoch of
+    `steps` steps, then `steps` timed ones; its examples are windows here."""
+    r = train_bench.run_loop(cfg, dataset, steps, 1, what)
+    return {"windows_per_s": r.pop("examples_per_s"), **r}
 
 
 def make_parser() -> argparse.ArgumentParser:

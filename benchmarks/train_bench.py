@@ -191,10 +191,10 @@ def make_dataset(workdir: Path, side: int, examples: int) -> Path:
 # ----------------------------------------------------------------------------
 # Timing.
 # ----------------------------------------------------------------------------
-def epoch_rates(seconds: list[float], steps: int) -> dict:
-    """examples/s of epochs of `steps` batches taking `seconds`: median, min, max, and the
-    seconds."""
-    rates = [steps * BATCH / t for t in seconds]
+def epoch_rates(seconds: list[float], steps: int, batch: int = BATCH) -> dict:
+    """examples/s of epochs of `steps` batches of `batch` taking `seconds`: median, min, max,
+    and the seconds."""
+    rates = [steps * batch / t for t in seconds]
     return {
         "examples_per_s": round(statistics.median(rates), 1),
         "min": round(min(rates), 1),
@@ -225,14 +225,14 @@ class EpochMeter:
     def stop(self) -> None:
         self.epochs.append(tuple(b - a for a, b in zip(self._t, self._now(), strict=True)))
 
-    def summary(self, steps: int, what: str) -> dict:
+    def summary(self, steps: int, what: str, batch: int = BATCH) -> dict:
         """Epoch 0 is the warm-up; the rest are timed."""
         seconds = [e[0] for e in self.epochs]
         warmup, timed = seconds[0], seconds[1:]
         wall = sum(timed)
         cpu, busy, steal = (sum(e[i] for e in self.epochs[1:]) for i in (1, 2, 3))
         return {
-            **epoch_rates(timed, steps),
+            **epoch_rates(timed, steps, batch),
             "warmup_seconds": round(warmup, 3),
             "cores_used": round(cpu / wall, 2),
             "background_cores": round(max(0.0, busy - cpu) / wall, 2),
@@ -306,7 +306,7 @@ def run_loop(cfg, dataset, steps: int, epochs: int, what: str) -> dict:
             done += n
         float(logs["loss"])
         meter.stop()
-    r = meter.summary(steps, what)
+    r = meter.summary(steps, what, cfg.global_batch_size)
     _log_rate(r)
     return r
 

@@ -141,18 +141,27 @@ def random_patches(
 
 
 def _patches_of(
-    ds: tf.data.Dataset, patch_size: int, per_image: int, seed: int, first: int, evaluation: bool
+    ds: tf.data.Dataset,
+    patch_size: int,
+    per_image: int,
+    seed: int,
+    first: int,
+    evaluation: bool,
+    source: tf.Tensor | None = None,
 ):
     """Batches of images -> batches of windows (identity when patch_size is 0). Batch i,
     counted from `first`, draws with the key (seed, i) in training (i = the global step) and
-    (seed, -1 - i) in evaluation, so eval windows never reuse a training step's key."""
+    (seed, -1 - i) in evaluation, so eval windows never reuse a training step's key. With
+    `source` (the split in memory), the batches are rows of its image indices instead."""
     if not patch_size:
         return ds
     base = tf.constant(seed, tf.int64)
 
-    def windows(i, images):
+    def windows(i, batch):
         key = tf.stack([base, -1 - i if evaluation else i])
-        return random_patches(images, patch_size, key, per_image)
+        if source is None:
+            return random_patches(batch, patch_size, key, per_image)
+        return random_patches(source, patch_size, key, per_image, which=batch)
 
     return ds.enumerate(first).map(windows, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -206,14 +215,8 @@ def train_stream(
             return tf.data.Dataset.from_tensor_slices(idx)
 
         if patch_size:  # windows cut straight from the split: no whole image is copied
-            ds = epochs.flat_map(steps).skip(skip).enumerate(start_step)
-            base = tf.constant(seed, tf.int64)
-            ds = ds.map(
-                lambda i, idx: random_patches(
-                    images, patch_size, tf.stack([base, i]), patches_per_image, idx
-                ),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
+            ds = epochs.flat_map(steps).skip(skip)
+            ds = _patches_of(ds, patch_size, patches_per_image, seed, start_step, False, images)
         else:
             # Whole batches gathered GATHER_BATCHES at a time: per batch only a slice is
             # left to do, which keeps the stream's CPU per step far below a small model's
